@@ -1,0 +1,17 @@
+"""Pure-PyTorch attention layers (no Ultralytics import)."""
+
+from .backend import get_backend, set_backend, use_backend
+from .biformer import Attention, AttentionLePE, BiFormerBlock, DropPath, DWConv
+from .bra import BiLevelRoutingAttention
+
+__all__ = [
+    "Attention",
+    "AttentionLePE",
+    "BiFormerBlock",
+    "BiLevelRoutingAttention",
+    "DWConv",
+    "DropPath",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+]

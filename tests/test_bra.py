@@ -1,0 +1,297 @@
+"""Bi-Level Routing Attention: fast path vs reference vs the seed's math, errors, export."""
+
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from seed_reference import seed_bra_forward
+from yoloattn import BiLevelRoutingAttention, use_backend
+from yoloattn.nn import backend as backend_module
+from yoloattn.nn.functional import routed_attention, routed_attention_fast, routed_attention_reference
+
+# (name, constructor kwargs): every option of the layer, at small widths
+CONFIGS = [
+    ("default", dict(dim=32, num_heads=4)),
+    ("heads8", dict(dim=64)),
+    ("ada_avgpool", dict(dim=32, num_heads=4, kv_downsample_mode="ada_avgpool", kv_per_win=2)),
+    ("ada_maxpool", dict(dim=32, num_heads=4, kv_downsample_mode="ada_maxpool", kv_per_win=2)),
+    ("avgpool", dict(dim=32, num_heads=4, n_win=2, kv_downsample_mode="avgpool", kv_downsample_ratio=2)),
+    ("maxpool", dict(dim=32, num_heads=4, n_win=2, kv_downsample_mode="maxpool", kv_downsample_ratio=2)),
+    ("qk_dim_small", dict(dim=32, num_heads=4, qk_dim=16)),
+    ("qk_dim_large", dict(dim=16, num_heads=2, qk_dim=32)),
+    ("qkv", dict(dim=32, num_heads=4, param_attention="qkv")),
+    ("soft_routing", dict(dim=32, num_heads=4, soft_routing=True)),
+    ("param_diff_soft", dict(dim=32, num_heads=4, param_routing=True, diff_routing=True, soft_routing=True)),
+    ("no_lepe", dict(dim=32, num_heads=4, side_dwconv=0)),
+    ("lepe5", dict(dim=32, num_heads=4, side_dwconv=5)),
+    ("topk1", dict(dim=32, num_heads=4, n_win=3, topk=1)),
+    ("topk_all", dict(dim=32, num_heads=4, n_win=3, topk=9)),
+    ("qk_scale", dict(dim=32, num_heads=4, qk_scale=0.3)),
+]
+# divisible, not divisible, smaller than n_win (5x5 < 7), non-square; batch 2 throughout
+SHAPES = [(2, 14, 14), (2, 13, 9), (2, 5, 5), (2, 20, 11)]
+
+
+def _input(dim, shape, dtype=torch.float32):
+    n, h, w = shape
+    return torch.randn(n, dim, h, w, dtype=dtype, requires_grad=True)
+
+
+def _run(layer, x, backend):
+    with use_backend(backend):
+        out = layer(x)
+    grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                [x, *layer.parameters()], allow_unused=True)
+    return out.detach(), grads
+
+
+def _assert_same(a, b, atol, rtol=1e-4):
+    out_a, grads_a = a
+    out_b, grads_b = b
+    torch.testing.assert_close(out_a, out_b, atol=atol, rtol=rtol)
+    for ga, gb in zip(grads_a, grads_b):
+        assert (ga is None) == (gb is None)
+        if ga is not None:  # parameter gradients are sums over every token: compare relative to their scale
+            torch.testing.assert_close(ga, gb, atol=atol * max(1.0, gb.abs().max().item()), rtol=rtol)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name,kwargs", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_fast_matches_reference_and_seed(name, kwargs, shape):
+    layer = BiLevelRoutingAttention(**kwargs)
+    if kwargs.get("kv_downsample_mode") in ("avgpool", "maxpool") and min(shape[1:]) < 4:
+        pytest.skip("window smaller than the pooling kernel")  # covered by test_pool_larger_than_window
+    x = _input(kwargs["dim"], shape)
+    fast = _run(layer, x, "fast")
+    ref = _run(layer, x, "reference")
+    _assert_same(fast, ref, atol=1e-5)
+    assert fast[0].shape == x.shape
+
+    seed_out = seed_bra_forward(layer, x)
+    seed_grads = torch.autograd.grad((seed_out * torch.linspace(-1, 1, seed_out.numel()).view_as(seed_out)).sum(),
+                                     [x, *layer.parameters()], allow_unused=True)
+    _assert_same(fast, (seed_out.detach(), seed_grads), atol=1e-5)
+
+
+def test_auto_pad_off_divisible():
+    layer = BiLevelRoutingAttention(32, num_heads=4, auto_pad=False)
+    x = _input(32, (2, 14, 21))
+    _assert_same(_run(layer, x, "fast"), _run(layer, x, "reference"), atol=1e-5)
+    torch.testing.assert_close(layer(x), seed_bra_forward(layer, x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_ret_attn_mask(backend):
+    layer = BiLevelRoutingAttention(32, num_heads=4)
+    x = torch.randn(2, 32, 13, 9)
+    with use_backend(backend):
+        out, r_weight, r_idx, attn = layer(x, ret_attn_mask=True)
+    s_out, s_weight, s_idx, s_attn = seed_bra_forward(layer, x, ret_attn_mask=True)
+    torch.testing.assert_close(out, s_out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(r_weight, s_weight)
+    assert torch.equal(r_idx, s_idx)
+    torch.testing.assert_close(attn, s_attn, atol=1e-5, rtol=1e-4)
+    assert out.shape == x.shape and r_idx.shape == (2, 49, 4) and attn.shape == (2 * 49, 4, 4, 4 * 4)
+    torch.testing.assert_close(out, layer(x), atol=1e-5, rtol=1e-4)
+
+
+def test_functional_op_alone():
+    n, p, lq, lkv, topk = 2, 9, 6, 4, 3
+    q = torch.randn(n, p, lq, 16, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(n, p, lkv, 16 + 24, dtype=torch.float64, requires_grad=True)
+    r_idx = torch.stack([torch.randperm(p)[:topk] for _ in range(n * p)]).view(n, p, topk)
+    r_weight = torch.rand(n, p, topk, dtype=torch.float64, requires_grad=True)
+    kw = dict(num_heads=4, qk_dim=16, scale=0.25)
+    fast = routed_attention_fast(q, kv, r_idx, r_weight, **kw)
+    ref, attn = routed_attention_reference(q, kv, r_idx, r_weight, **kw)
+    torch.testing.assert_close(fast, ref)
+    assert attn.shape == (n * p, 4, lq, topk * lkv)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(n * p, 4, lq, dtype=torch.float64))
+    out2, attn2 = routed_attention(q, kv, r_idx, r_weight, return_attn=True, **kw)
+    torch.testing.assert_close(out2, ref)
+    for backend in ("fast", "reference"):
+        assert torch.autograd.gradcheck(
+            lambda q, kv, w: routed_attention(q, kv, r_idx, w, backend=backend, **kw), (q, kv, r_weight))
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_gradcheck_float64_layer(backend):
+    layer = BiLevelRoutingAttention(8, n_win=2, num_heads=2, topk=2, param_routing=True, diff_routing=True,
+                                    soft_routing=True).double()
+    x = torch.randn(1, 8, 5, 3, dtype=torch.float64, requires_grad=True)
+    with use_backend(backend):
+        assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_cpu_finite(backend, dtype):
+    layer = BiLevelRoutingAttention(64)
+    x = torch.randn(2, 64, 23, 30) * 30  # large activations stress the softmax
+    with use_backend(backend), torch.autocast("cpu", dtype=dtype):
+        out = layer(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_fast_matches_reference(dtype):
+    layer = BiLevelRoutingAttention(64)
+    x = torch.randn(2, 64, 23, 30, requires_grad=True)
+    results = []
+    for backend in ("fast", "reference"):
+        with use_backend(backend), torch.autocast("cpu", dtype=dtype):
+            out = layer(x)
+        results.append((out.float(), torch.autograd.grad(out.float().square().sum(), x)[0]))
+    (out_fast, grad_fast), (out_ref, grad_ref) = results
+    torch.testing.assert_close(out_fast, out_ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(grad_fast, grad_ref, atol=2e-2 * grad_ref.abs().max().item(), rtol=5e-2)
+    torch.testing.assert_close(out_fast, layer(x), atol=5e-2, rtol=5e-2)  # and close to fp32
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_half_module_finite(backend):
+    layer = BiLevelRoutingAttention(32, num_heads=4).to(torch.bfloat16)
+    x = torch.randn(1, 32, 15, 15, dtype=torch.bfloat16)
+    with use_backend(backend):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_autocast_routes_like_fp32():
+    layer = BiLevelRoutingAttention(32, num_heads=4)
+    x = torch.randn(1, 32, 21, 21)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, idx_bf16, _ = layer(x, ret_attn_mask=True)
+    _, _, idx_fp32, _ = layer(x, ret_attn_mask=True)
+    # bf16 projections perturb the window means slightly; nearly all routes must agree
+    assert (idx_bf16.sort(-1).values == idx_fp32.sort(-1).values).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_deterministic_algorithms(backend):
+    layer = BiLevelRoutingAttention(32, num_heads=4, soft_routing=True)
+    x = torch.randn(2, 32, 13, 9, requires_grad=True)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with use_backend(backend):
+            grads = [torch.autograd.grad(layer(x).square().sum(), x)[0] for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_jit_trace_other_sizes(backend):
+    layer = BiLevelRoutingAttention(32, num_heads=4).eval()
+    with use_backend(backend), torch.no_grad():
+        traced = torch.jit.trace(layer, torch.randn(1, 32, 14, 14), check_trace=False)  # divisible example
+        for shape in [(1, 32, 14, 14), (2, 32, 13, 9), (1, 32, 5, 5)]:
+            x = torch.randn(shape)
+            torch.testing.assert_close(traced(x), layer(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_onnx_dynamic_matches_onnxruntime(backend, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    layer = BiLevelRoutingAttention(32, num_heads=4).eval()
+    path = tmp_path / "bra.onnx"
+    with use_backend(backend), torch.no_grad():
+        torch.onnx.export(layer, (torch.randn(1, 32, 14, 14),), str(path), opset_version=17, dynamo=False,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in [(1, 32, 14, 14), (2, 32, 13, 9), (1, 32, 5, 5), (1, 32, 40, 24)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            expected = layer(x).numpy()
+        np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_fast_path_declines_with_reason(caplog, monkeypatch):
+    monkeypatch.setattr(backend_module, "_reported", set())  # each reason is logged once per process
+    layer = BiLevelRoutingAttention(32, num_heads=4)
+    with caplog.at_level(logging.INFO, logger="yoloattn"), use_backend("fast"):
+        layer(torch.randn(1, 32, 14, 14), ret_attn_mask=True)
+    assert "attention matrix was requested" in caplog.text
+
+
+def test_state_dict_keys_match_seed_layout():
+    layer = BiLevelRoutingAttention(64)
+    assert list(layer.state_dict()) == ["lepe.weight", "lepe.bias", "qkv.qkv.weight", "qkv.qkv.bias", "wo.weight",
+                                        "wo.bias"]
+    shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    assert shapes == {"lepe.weight": (64, 1, 3, 3), "lepe.bias": (64,), "qkv.qkv.weight": (192, 64),
+                      "qkv.qkv.bias": (192,), "wo.weight": (64, 64), "wo.bias": (64,)}
+    full = BiLevelRoutingAttention(64, qk_dim=32, param_routing=True, diff_routing=True, soft_routing=True,
+                                   side_dwconv=0, param_attention="qkv")
+    assert list(full.state_dict()) == ["router.emb.weight", "router.emb.bias", "qkv.qkv.weight", "qkv.qkv.bias"]
+    assert full.state_dict()["qkv.qkv.weight"].shape == (32 + 32 + 64, 64)
+
+
+def test_seed_state_dict_loads_strict():
+    # a state_dict laid out as the seed's module saves it (its keys in its registration order)
+    seed_layout = {
+        "lepe.weight": torch.randn(32, 1, 5, 5), "lepe.bias": torch.randn(32),
+        "router.emb.weight": torch.randn(16, 16), "router.emb.bias": torch.randn(16),
+        "qkv.qkv.weight": torch.randn(64, 32), "qkv.qkv.bias": torch.randn(64),
+        "wo.weight": torch.randn(32, 32), "wo.bias": torch.randn(32),
+    }
+    layer = BiLevelRoutingAttention(32, num_heads=4, qk_dim=16, side_dwconv=5, param_routing=True,
+                                    diff_routing=True, soft_routing=True)
+    layer.load_state_dict(seed_layout, strict=True)
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    assert torch.load(buf).keys() == seed_layout.keys()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dim=30, num_heads=8), r"dim=30 and qk_dim=30 must both be divisible by num_heads=8"),
+    (dict(dim=32, num_heads=8, qk_dim=20), r"qk_dim=20 must both be divisible by num_heads=8"),
+    (dict(dim=32, n_win=2, topk=5), r"topk must be an integer in \[1, n_win²=4\] for n_win=2, got 5"),
+    (dict(dim=32, topk=0), r"topk must be an integer in \[1, n_win²=49\].*got 0"),
+    (dict(dim=32, param_routing=True), r"param_routing=True needs diff_routing=True"),
+    (dict(dim=32, param_routing=True, diff_routing=True), r"diff_routing=True needs soft_routing=True"),
+    (dict(dim=32, diff_routing=True), r"diff_routing=True needs soft_routing=True"),
+    (dict(dim=32, kv_downsample_mode="fracpool"), r"kv_downsample_mode must be one of .*'fracpool'.*never implemented"),
+    (dict(dim=32, kv_downsample_mode="conv"), r"kv_downsample_mode must be one of .*got 'conv'"),
+    (dict(dim=32, kv_downsample_mode="bogus"), r"kv_downsample_mode must be one of .*got 'bogus'"),
+    (dict(dim=32, param_attention="none"), r"param_attention must be one of \('qkvo', 'qkv'\), got 'none'"),
+    (dict(dim=32, side_dwconv=4), r"side_dwconv must be 0 \(off\) or an odd kernel size, got 4"),
+    (dict(dim=0), r"dim must be a positive integer, got 0"),
+    (dict(dim=32, n_win=0), r"n_win must be a positive integer, got 0"),
+    (dict(dim=32, kv_downsample_mode="ada_avgpool", kv_per_win=0), r"kv_per_win must be a positive integer"),
+    (dict(dim=32, kv_downsample_mode="maxpool", kv_downsample_ratio=None), r"kv_downsample_ratio must be a positive"),
+])
+def test_bad_config_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BiLevelRoutingAttention(**kwargs)
+
+
+def test_bad_inputs_raise():
+    layer = BiLevelRoutingAttention(32, num_heads=4, auto_pad=False)
+    with pytest.raises(ValueError, match=r"auto_pad=False needs H and W divisible by n_win=7.*\(2, 13, 9, 32\)"):
+        layer(torch.randn(2, 32, 13, 9))
+    with pytest.raises(ValueError, match=r"expected a \(N, 32, H, W\) tensor, got shape \(2, 16, 14, 14\)"):
+        layer(torch.randn(2, 16, 14, 14))
+    with pytest.raises(ValueError, match=r"expected a \(N, 32, H, W\) tensor, got shape \(32, 14, 14\)"):
+        layer(torch.randn(32, 14, 14))
+
+
+def test_pool_larger_than_window():
+    layer = BiLevelRoutingAttention(32, num_heads=4, kv_downsample_mode="maxpool", kv_downsample_ratio=4)
+    with pytest.raises(ValueError, match=r"kv_downsample_ratio=4 is larger than the 2x2 windows"):
+        layer(torch.randn(1, 32, 14, 14))
+
+
+def test_backend_name_checked():
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'fast', 'reference'\), got 'cuda'"):
+        with use_backend("cuda"):
+            pass
