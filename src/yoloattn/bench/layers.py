@@ -1,0 +1,114 @@
+"""Layer-level benchmark: reference vs fast path, side by side, each case in its own process.
+
+Run ``python benchmarks/bra.py`` (or ``python -m yoloattn.bench.layers``); ``--help`` lists options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+__all__ = ["LAYER_CASES", "run_layer_benchmark", "build_layer"]
+
+# YOLOv8n feature maps at imgsz 640: P3, P4, P5
+YOLOV8N_MAPS = {"P3": (64, 80, 80), "P4": (128, 40, 40), "P5": (256, 20, 20)}
+LAYER_CASES = {
+    # layer name -> (implementations compared, first is the baseline)
+    "bra": ("reference", "fast"),
+}
+
+
+def build_layer(layer: str, channels: int) -> torch.nn.Module:
+    """The layer of a benchmark row, at seed defaults."""
+    if layer == "bra":
+        from ..nn.bra import BiLevelRoutingAttention
+
+        return BiLevelRoutingAttention(channels)
+    raise ValueError(f"unknown layer {layer!r}; choose from {sorted(LAYER_CASES)}")
+
+
+def _worker(spec: dict) -> dict:
+    from .measure import measure_case
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    shape = tuple(spec["shape"])
+    return measure_case(lambda: build_layer(spec["layer"], shape[1]), shape, spec["device"], spec["dtype"],
+                        backend=spec["impl"], what=spec["what"])
+
+
+def _isolated(spec: dict) -> dict:
+    """Time one case in a fresh interpreter, then measure its memory in another."""
+    result = {}
+    for what in ("time", "memory"):
+        env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+        if what == "memory":
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed blocks leave the RSS at once
+        proc = subprocess.run([sys.executable, "-m", "yoloattn.bench.layers", "--worker", json.dumps(dict(spec, what=what))],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise RuntimeError(f"benchmark case {spec} failed:\n{proc.stderr[-3000:]}")
+        result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return result
+
+
+def run_layer_benchmark(layers=("bra",), maps=("P3", "P4", "P5"), batches=(1, 8), device="cpu", dtype="float32",
+                        threads=2, printer=print) -> list[dict]:
+    """Measure every (layer, map, batch) case for each implementation and print a table.
+
+    Returns:
+        one dict per case with the figures of each implementation and the ratios.
+    """
+    rows = []
+    header = ("| layer | map | input (N, C, H, W) | ref fwd ms | fast fwd ms | fwd × | ref f+b ms | fast f+b ms "
+              "| f+b × | ref peak MiB | fast peak MiB | mem ÷ |")
+    printer(f"device={device} dtype={dtype} threads={threads} torch={torch.__version__}")
+    printer(header)
+    printer("|" + "---|" * (header.count("|") - 1))
+    for layer in layers:
+        base_impl, fast_impl = LAYER_CASES[layer]
+        for name in maps:
+            c, h, w = YOLOV8N_MAPS[name]
+            for n in batches:
+                spec = dict(layer=layer, shape=[n, c, h, w], device=device, dtype=dtype, threads=threads)
+                ref = _isolated(dict(spec, impl=base_impl))
+                fast = _isolated(dict(spec, impl=fast_impl))
+                row = dict(spec, ref=ref, fast=fast, fwd_x=ref["fwd_ms"] / fast["fwd_ms"],
+                           fwdbwd_x=ref["fwdbwd_ms"] / fast["fwdbwd_ms"],
+                           mem_div=ref["peak_mib"] / max(fast["peak_mib"], 1e-3))
+                rows.append(row)
+                printer(f"| {layer} | {name} | ({n}, {c}, {h}, {w}) | {ref['fwd_ms']:.1f} | {fast['fwd_ms']:.1f} | "
+                        f"{row['fwd_x']:.2f} | {ref['fwdbwd_ms']:.1f} | {fast['fwdbwd_ms']:.1f} | {row['fwdbwd_x']:.2f} | "
+                        f"{ref['peak_mib']:.0f} | {fast['peak_mib']:.0f} | {row['mem_div']:.1f} |")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--layers", default="bra", help="comma-separated layers: " + ",".join(LAYER_CASES))
+    parser.add_argument("--maps", default="P3,P4,P5", help="comma-separated YOLOv8n maps at 640: P3,P4,P5")
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return 0
+    rows = run_layer_benchmark(args.layers.split(","), args.maps.split(","), [int(b) for b in args.batches.split(",")],
+                               args.device, args.dtype, args.threads)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
