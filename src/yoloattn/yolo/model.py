@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import difflib
-import logging
 import os
 import re
 from pathlib import Path
@@ -19,12 +18,12 @@ from pathlib import Path
 import torch
 import yaml
 from ultralytics import YOLO as _UltralyticsYOLO
+from ultralytics.models.yolo.detect import DetectionTrainer
 
 from .register import register
 
-__all__ = ["CFG_DIR", "YOLO", "YOLOv10", "resolve_data", "resolve_model", "shipped_models", "transfer_weights"]
+__all__ = ["CFG_DIR", "TransferDetectionTrainer", "YOLO", "YOLOv10", "resolve_data", "resolve_model", "shipped_models", "transfer_weights"]
 
-LOGGER = logging.getLogger("yoloattn")
 CFG_DIR = Path(__file__).parent / "cfg"
 # family + scale + rest, e.g. yolov8 n -bra, yolo11 s -bra, yolov10 b -bra
 _SCALED_NAME = re.compile(r"^(?P<family>yolo(?:v)?\d+)(?P<scale>[nsmblx])(?P<rest>-[\w.-]+?)\.ya?ml$")
@@ -119,8 +118,22 @@ def transfer_weights(model: torch.nn.Module, source, verbose: bool = True) -> di
     if getattr(src, "names", None) and len(getattr(src, "names", {})) == len(getattr(model, "names", {}) or {}):
         model.names = src.names
     if verbose:
-        LOGGER.info("yoloattn: transferred %d/%d tensors from the pretrained weights", len(moved), len(dst_state))
+        from ultralytics.utils import LOGGER as UL_LOGGER
+
+        n_src = len(src.state_dict())
+        UL_LOGGER.info(f"yoloattn: transferred {len(moved)}/{len(dst_state)} tensors ({len(moved)} of the "
+                       f"{n_src} pretrained tensors) across the shifted layers")
     return {"transferred": len(moved), "total": len(dst_state), "layer_map": layer_map}
+
+
+class TransferDetectionTrainer(DetectionTrainer):
+    """Ultralytics' detection trainer, loading start weights with :func:`transfer_weights` (layer-aligned)."""
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        model = super().get_model(cfg=cfg, weights=None, verbose=verbose)
+        if weights is not None:
+            transfer_weights(model, weights, verbose=verbose)
+        return model
 
 
 class YOLO(_UltralyticsYOLO):
@@ -153,10 +166,21 @@ class YOLO(_UltralyticsYOLO):
         return self
 
     def train(self, trainer=None, **kwargs):
-        """Ultralytics ``train``; ``data='shapes'`` selects the built-in dataset."""
+        """Ultralytics ``train``; ``data='shapes'`` selects the built-in dataset. Start weights (``pretrained='x.pt'``
+        or an earlier :meth:`load`) transfer with :func:`transfer_weights`, whatever layers were inserted."""
         if "data" in kwargs:
             kwargs["data"] = resolve_data(kwargs["data"])
+        if "model" in kwargs:  # the trainer rebuilds YAML models from this name
+            kwargs["model"] = resolve_model(kwargs["model"])
         return super().train(trainer=trainer, **kwargs)
+
+    @property
+    def task_map(self):
+        """Ultralytics' task map, with a detection trainer that transfers start weights across shifted layers."""
+        task_map = super().task_map
+        if "detect" in task_map and task_map["detect"].get("trainer") is DetectionTrainer:
+            task_map = {**task_map, "detect": {**task_map["detect"], "trainer": TransferDetectionTrainer}}
+        return task_map
 
     def val(self, validator=None, **kwargs):
         """Ultralytics ``val``; ``data='shapes'`` selects the built-in dataset."""

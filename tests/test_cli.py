@@ -1,0 +1,187 @@
+"""The yoloattn command end to end, in subprocesses: train -> reload -> val -> predict -> export, resume, DDP state."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from yoloattn.data import shapes
+
+IMGSZ = 64
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def env(workdir):
+    return dict(os.environ, YOLOATTN_CACHE=str(workdir / "cache"), PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(workdir):
+    return shapes(n_train=8, n_val=4, imgsz=IMGSZ, max_objects=6, root=workdir / "data", progress=False)
+
+
+def _run(args, env, cwd, check=True):
+    proc = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _cli(*args, env, cwd, check=True):
+    return _run([sys.executable, "-m", "yoloattn.yolo.cli", *args], env, cwd, check)
+
+
+def _python(code, env, cwd, check=True):
+    return _run([sys.executable, "-c", textwrap.dedent(code)], env, cwd, check)
+
+
+@pytest.fixture(scope="module")
+def trained(workdir, env, tiny_data):
+    _cli("train", "model=yolov8n-bra.yaml", f"data={tiny_data}", "epochs=1", f"imgsz={IMGSZ}", "batch=4", "workers=0",
+         f"project={workdir}", "name=run", "exist_ok=True", "plots=False", env=env, cwd=workdir)
+    best = workdir / "run" / "weights" / "best.pt"
+    assert best.exists() and (workdir / "run" / "weights" / "last.pt").exists()
+    return best
+
+
+def test_reload_with_plain_ultralytics_in_fresh_process(trained, workdir, env):
+    # no `import yoloattn`: unpickling the checkpoint imports it
+    out = _python(f"""
+        import torch
+        from ultralytics import YOLO
+        model = YOLO({str(trained)!r})
+        names = [type(m).__module__ + "." + type(m).__name__ for m in model.model.modules()]
+        assert "yoloattn.yolo.layers.BiLevelRoutingAttention" in names, names
+        print(model.model(torch.zeros(1, 3, 64, 64))[0].shape)
+    """, env, workdir)
+    assert "torch.Size" in out.stdout
+
+
+def test_reload_under_safe_load(trained, workdir, env):
+    out = _python(f"""
+        import yoloattn
+        from ultralytics import YOLO
+        model = YOLO({str(trained)!r})
+        print(sum(type(m).__name__ == "BiLevelRoutingAttention" for m in model.model.modules()))
+    """, dict(env, ULTRALYTICS_SAFE_LOAD="1"), workdir)
+    assert out.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_val_predict_through_cli(trained, workdir, env, tiny_data):
+    val = _cli("val", f"model={trained}", f"data={tiny_data}", f"imgsz={IMGSZ}", "batch=4", "plots=False",
+               f"project={workdir}", "name=val", "exist_ok=True", env=env, cwd=workdir)
+    assert "all" in val.stdout + val.stderr
+    image = next((Path(tiny_data).parent / "images" / "val").glob("*.png"))
+    _cli("predict", f"model={trained}", f"source={image}", f"imgsz={IMGSZ}", "save=True", f"project={workdir}",
+         "name=pred", "exist_ok=True", env=env, cwd=workdir)
+    assert (workdir / "pred" / image.name).exists() or any((workdir / "pred").glob(image.stem + ".*"))
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["fixed", "dynamic"])
+def test_onnx_export_matches_pytorch(trained, workdir, env, dynamic):
+    ort = pytest.importorskip("onnxruntime")
+    _cli("export", f"model={trained}", "format=onnx", f"imgsz={IMGSZ}", f"dynamic={dynamic}", "simplify=False",
+         env=env, cwd=workdir)
+    onnx_path = trained.with_suffix(".onnx")
+    assert onnx_path.exists()
+    from ultralytics import YOLO
+
+    model = YOLO(str(trained)).model.float().eval()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sizes = [(IMGSZ, IMGSZ)] + ([(96, 64), (128, 160)] if dynamic else [])
+    for h, w in sizes:
+        x = torch.rand(1, 3, h, w)
+        with torch.no_grad():
+            expected = model(x)[0].numpy()
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        np.testing.assert_allclose(got, expected, atol=2e-3, rtol=1e-3)
+
+
+def test_torchscript_export(trained, workdir, env):
+    _cli("export", f"model={trained}", "format=torchscript", f"imgsz={IMGSZ}", env=env, cwd=workdir)
+    scripted = torch.jit.load(str(trained.with_suffix(".torchscript")))
+    from ultralytics import YOLO
+
+    model = YOLO(str(trained)).model.float().eval()
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x)[0] if isinstance(scripted(x), tuple) else scripted(x),
+                                   model(x)[0], atol=2e-3, rtol=1e-3)
+
+
+def test_resume(workdir, env, tiny_data):
+    # the process dies after epoch 1 of 2 (last.pt saved), then `yoloattn train resume=last.pt` finishes the run
+    crashed = _python(f"""
+        import os
+        from yoloattn import YOLO
+        model = YOLO("yolov8n-bra.yaml")
+        model.add_callback("on_fit_epoch_end", lambda trainer: os._exit(3))  # after last.pt is saved
+        model.train(data={str(tiny_data)!r}, epochs=2, imgsz={IMGSZ}, batch=4, workers=0, project={str(workdir)!r},
+                    name="resume", exist_ok=True, plots=False)
+    """, env, workdir, check=False)
+    assert crashed.returncode == 3
+    last = workdir / "resume" / "weights" / "last.pt"
+    assert torch.load(last, weights_only=False)["epoch"] == 0
+    out = _cli("train", f"resume={last}", env=env, cwd=workdir)
+    log = out.stdout + out.stderr
+    assert "from epoch 2 to 2 total epochs" in log and "1 epochs completed" in log
+    assert torch.load(last, weights_only=False)["epoch"] == -1  # finished (optimizer stripped)
+
+
+def test_pretrained_transfer_through_cli(workdir, env, tiny_data):
+    # a yolov8n checkpoint trained here, then yolov8n-bra trained from it: every tensor must transfer
+    _cli("train", "model=yolov8n.yaml", f"data={tiny_data}", "epochs=1", f"imgsz={IMGSZ}", "batch=4", "workers=0",
+         f"project={workdir}", "name=base", "exist_ok=True", "plots=False", env=env, cwd=workdir)
+    base = workdir / "base" / "weights" / "last.pt"
+    from ultralytics import YOLO as Plain
+
+    n_src = len(Plain(str(base)).model.state_dict())
+    out = _cli("train", "model=yolov8n-bra.yaml", f"data={tiny_data}", f"pretrained={base}", "epochs=1", f"imgsz={IMGSZ}",
+               "batch=4", "workers=0", f"project={workdir}", "name=transfer", "exist_ok=True", "plots=False",
+               env=env, cwd=workdir)
+    assert f"({n_src} of the {n_src} pretrained tensors)" in out.stdout + out.stderr
+
+
+def test_ddp_worker_state_loads_layers(workdir, env, tiny_data):
+    # Ultralytics' DDP launcher pickles the trainer's model for its worker processes; a fresh worker must load it
+    out = _python(f"""
+        import yoloattn
+        from ultralytics.models.yolo.detect import DetectionTrainer
+        from ultralytics.utils.dist import generate_ddp_file
+        trainer = DetectionTrainer(overrides=dict(model=yoloattn.yolo.resolve_model("yolov8n-bra.yaml"),
+                                                  data={str(tiny_data)!r}, imgsz={IMGSZ}, epochs=1,
+                                                  project={str(workdir)!r}, name="ddp", exist_ok=True))
+        trainer.model = trainer.get_model(cfg=trainer.args.model, verbose=False)
+        print(generate_ddp_file(trainer))
+    """, env, workdir)
+    script = Path(out.stdout.strip().splitlines()[-1])
+    state_file = script.with_suffix(".pt")
+    worker = _python(f"""
+        import sys, torch
+        from ultralytics.utils.patches import torch_load
+        state = torch_load({str(state_file)!r}, map_location="cpu")  # what the DDP worker script does first
+        model = state["model"].eval()
+        assert "yoloattn" in sys.modules
+        print(sum(type(m).__name__ == "BiLevelRoutingAttention" for m in model.modules()),
+              tuple(model(torch.zeros(1, 3, 64, 64))[0].shape))
+    """, env, workdir)
+    assert worker.stdout.strip().splitlines()[-1].startswith("1 ")
+    script.unlink(missing_ok=True)
+    state_file.unlink(missing_ok=True)
+
+
+def test_bad_data_path_is_clear(workdir, env):
+    out = _cli("train", "model=yolov8n-bra.yaml", "data=does/not/exist.yaml", "epochs=1", f"imgsz={IMGSZ}",
+               env=env, cwd=workdir, check=False)
+    assert out.returncode != 0
+    assert "does/not/exist.yaml" in out.stdout + out.stderr
