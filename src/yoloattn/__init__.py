@@ -5,7 +5,7 @@
 offline (see :mod:`yoloattn.yolo.offline`).
 """
 
-from .nn import BiFormerBlock, BiLevelRoutingAttention, get_backend, set_backend, use_backend
+from .nn import BiFormerBlock, BiLevelRoutingAttention, DAttention, DAttentionBaseline, get_backend, set_backend, use_backend
 from .yolo import YOLO, YOLOv10, register, transfer_weights
 
 __version__ = "0.1.0"
@@ -15,6 +15,8 @@ register()
 __all__ = [
     "BiFormerBlock",
     "BiLevelRoutingAttention",
+    "DAttention",
+    "DAttentionBaseline",
     "YOLO",
     "YOLOv10",
     "__version__",

@@ -1,5 +1,7 @@
 """Layer-level benchmark: reference vs fast path, side by side, each case in its own process.
 
+Rows: BRA and DAT (reference and fast) and, for scale, Ultralytics' 3x3 Conv of the same width.
+
 Run ``python benchmarks/bra.py`` (or ``python -m yoloattn.bench.layers``); ``--help`` lists options.
 """
 
@@ -18,17 +20,27 @@ __all__ = ["LAYER_CASES", "run_layer_benchmark", "build_layer"]
 # YOLOv8n feature maps at imgsz 640: P3, P4, P5
 YOLOV8N_MAPS = {"P3": (64, 80, 80), "P4": (128, 40, 40), "P5": (256, 20, 20)}
 LAYER_CASES = {
-    # layer name -> (implementations compared, first is the baseline)
+    # layer name -> implementations compared, the baseline first (one entry: no baseline)
     "bra": ("reference", "fast"),
+    "dat": ("reference", "fast"),
+    "conv3x3": ("fast",),
 }
 
 
 def build_layer(layer: str, channels: int) -> torch.nn.Module:
-    """The layer of a benchmark row, at seed defaults."""
+    """The layer of a benchmark row: BRA and DAT at their defaults, or a 3x3 conv of the same width."""
     if layer == "bra":
         from ..nn.bra import BiLevelRoutingAttention
 
-        return BiLevelRoutingAttention(channels)
+        return BiLevelRoutingAttention(channels)  # seed defaults: n_win=7, 8 heads, topk=4
+    if layer == "dat":
+        from ..nn.dat import DAttention
+
+        return DAttention(channels)  # head dim 32, stride 8, table position bias
+    if layer == "conv3x3":
+        from ultralytics.nn.modules import Conv
+
+        return Conv(channels, channels, 3)  # Ultralytics' Conv: 3x3 conv + BN + SiLU
     raise ValueError(f"unknown layer {layer!r}; choose from {sorted(LAYER_CASES)}")
 
 
@@ -71,27 +83,33 @@ def run_layer_benchmark(layers=("bra",), maps=("P3", "P4", "P5"), batches=(1, 8)
     printer(header)
     printer("|" + "---|" * (header.count("|") - 1))
     for layer in layers:
-        base_impl, fast_impl = LAYER_CASES[layer]
+        if layer not in LAYER_CASES:
+            raise ValueError(f"unknown layer {layer!r}; choose from {sorted(LAYER_CASES)}")
+        impls = LAYER_CASES[layer]
         for name in maps:
             c, h, w = YOLOV8N_MAPS[name]
             for n in batches:
                 spec = dict(layer=layer, shape=[n, c, h, w], device=device, dtype=dtype, threads=threads)
-                ref = _isolated(dict(spec, impl=base_impl))
-                fast = _isolated(dict(spec, impl=fast_impl))
-                row = dict(spec, ref=ref, fast=fast, fwd_x=ref["fwd_ms"] / fast["fwd_ms"],
-                           fwdbwd_x=ref["fwdbwd_ms"] / fast["fwdbwd_ms"],
-                           mem_div=ref["peak_mib"] / max(fast["peak_mib"], 1e-3))
+                fast = _isolated(dict(spec, impl=impls[-1]))
+                ref = _isolated(dict(spec, impl=impls[0])) if len(impls) > 1 else None
+                row = dict(spec, ref=ref, fast=fast)
+                cells = ["—"] * 6
+                if ref is not None:
+                    row.update(fwd_x=ref["fwd_ms"] / fast["fwd_ms"], fwdbwd_x=ref["fwdbwd_ms"] / fast["fwdbwd_ms"],
+                               mem_div=ref["peak_mib"] / max(fast["peak_mib"], 1e-3))
+                    cells = [f"{ref['fwd_ms']:.1f}", f"{row['fwd_x']:.2f}", f"{ref['fwdbwd_ms']:.1f}",
+                             f"{row['fwdbwd_x']:.2f}", f"{ref['peak_mib']:.0f}", f"{row['mem_div']:.1f}"]
                 rows.append(row)
-                printer(f"| {layer} | {name} | ({n}, {c}, {h}, {w}) | {ref['fwd_ms']:.1f} | {fast['fwd_ms']:.1f} | "
-                        f"{row['fwd_x']:.2f} | {ref['fwdbwd_ms']:.1f} | {fast['fwdbwd_ms']:.1f} | {row['fwdbwd_x']:.2f} | "
-                        f"{ref['peak_mib']:.0f} | {fast['peak_mib']:.0f} | {row['mem_div']:.1f} |")
+                printer(f"| {layer} | {name} | ({n}, {c}, {h}, {w}) | {cells[0]} | {fast['fwd_ms']:.1f} | {cells[1]} | "
+                        f"{cells[2]} | {fast['fwdbwd_ms']:.1f} | {cells[3]} | {cells[4]} | {fast['peak_mib']:.0f} | "
+                        f"{cells[5]} |")
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--layers", default="bra", help="comma-separated layers: " + ",".join(LAYER_CASES))
+    parser.add_argument("--layers", default="bra,dat,conv3x3", help="comma-separated layers: " + ",".join(LAYER_CASES))
     parser.add_argument("--maps", default="P3,P4,P5", help="comma-separated YOLOv8n maps at 640: P3,P4,P5")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")

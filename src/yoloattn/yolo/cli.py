@@ -25,8 +25,10 @@ MAIN_JOB = {
     "data": "shapes",
     "epochs": 10,
     "imgsz": 256,
-    "batch": 16,
-    "warmup_epochs": 0.5,  # Ultralytics' 3 warm-up epochs would be most of a 10-epoch run
+    "batch": 8,  # twice the steps of batch 16 for the same compute: a from-scratch model learns sooner
+    "optimizer": "SGD",
+    "lr0": 0.02,
+    "warmup_epochs": 0.5,  # Ultralytics' 3 warm-up epochs would be a third of the run
     "close_mosaic": 3,
     "plots": True,
 }

@@ -15,8 +15,9 @@ from __future__ import annotations
 import sys
 
 from ..nn import bra as _bra
+from ..nn import dat as _dat
 
-__all__ = ["BiLevelRoutingAttention", "YAML_LAYERS"]
+__all__ = ["BiLevelRoutingAttention", "DAttention", "YAML_LAYERS"]
 
 
 def _parse_model_frame():
@@ -61,5 +62,14 @@ class BiLevelRoutingAttention(_bra.BiLevelRoutingAttention, metaclass=_TakesInpu
     """
 
 
+class DAttention(_dat.DAttention, metaclass=_TakesInputChannels):
+    """:class:`yoloattn.nn.DAttention` (deformable attention) as a YAML layer.
+
+    YAML: ``[-1, 1, DAttention, []]`` or with the arguments after ``c1``:
+    ``[n_heads, n_groups, stride, ksize, offset_range_factor, pe, pe_size]``, e.g. ``[None, None, 8]``.
+    The input channel count comes from the model.
+    """
+
+
 # names a YAML can use -> classes; never a name Ultralytics already has (checked at registration)
-YAML_LAYERS = {"BiLevelRoutingAttention": BiLevelRoutingAttention}
+YAML_LAYERS = {"BiLevelRoutingAttention": BiLevelRoutingAttention, "DAttention": DAttention}

@@ -83,10 +83,11 @@ def register() -> None:
         namespace[name] = cls
     _wrap_parse_model(tasks)
     if hasattr(torch.serialization, "add_safe_globals"):
-        from ..nn import biformer, bra
+        from ..nn import biformer, bra, dat
 
         torch.serialization.add_safe_globals([*YAML_LAYERS.values(), bra.BiLevelRoutingAttention, bra.TopkRouting,
                                               bra.QKVLinear, biformer.BiFormerBlock, biformer.Attention,
                                               biformer.AttentionLePE, biformer.DWConv, biformer.DropPath,
-                                              biformer._Permute])
+                                              biformer._Permute, dat.DAttentionBaseline, dat.DAttention,
+                                              dat.LayerNormProxy])
     _done = True
