@@ -14,6 +14,8 @@ SCALES = {
     "yolov10-bra.yaml": "nsmblx",
     "yolov5-bra.yaml": "nsmlx",
     "yolo11-bra.yaml": "nsmlx",
+    "yolov8-dat.yaml": "nsmlx",
+    "yolo11-dat.yaml": "nsmlx",
 }
 # Ultralytics' width for the P3 head block at each scale (the BRA input)
 P3_WIDTH = {"n": 64, "s": 128, "m": 192, "b": 256, "l": 256, "x": 320}
@@ -109,14 +111,19 @@ def _bra_layers(model):
     return [m for m in model.modules() if isinstance(m, yoloattn.BiLevelRoutingAttention)]
 
 
+def _attention_layers(model):
+    return [m for m in model.modules() if isinstance(m, (yoloattn.BiLevelRoutingAttention, yoloattn.DAttention))]
+
+
 @pytest.mark.parametrize("name,scale", [(n, s) for n, scales in SCALES.items() for s in scales])
 def test_shipped_yaml_every_scale(name, scale):
     family, rest = name.split("-", 1)
     model = YOLO(f"{family}{scale}-{rest}").model.eval()
-    bras = _bra_layers(model)
-    assert bras and all(isinstance(b, layers.BiLevelRoutingAttention) for b in bras)
-    width = P3_WIDTH[scale] if name != "yolo11-bra.yaml" else {"n": 64, "s": 128, "m": 256, "l": 256, "x": 384}[scale]
-    assert bras[0].dim == width  # the scale's real channel count, not the raw YAML number
+    found = _attention_layers(model)
+    assert found and all(type(m).__module__ == "yoloattn.yolo.layers" for m in found)
+    width = P3_WIDTH[scale] if not name.startswith("yolo11") else {"n": 64, "s": 128, "m": 256, "l": 256, "x": 384}[scale]
+    channels = found[0].dim if hasattr(found[0], "dim") else found[0].nc
+    assert channels == width  # the scale's real channel count, not the raw YAML number
     with torch.no_grad():
         for hw in ((64, 64), (32, 96)):  # square and non-square
             out = model(torch.zeros(1, 3, *hw))

@@ -376,7 +376,8 @@ class DAttention(DAttentionBaseline):
     - ``n_groups``: about one offset group per 4 heads (a divisor of ``n_heads``);
     - ``stride=8``: at P3 of a 640 image (80x80) that is a 10x10 grid, about (H/8)² keys, and the
       key count shrinks with the map at P4/P5; ``ksize = stride + 1`` as in DAT;
-    - ``offset_range_factor=-1``: free offsets, sampling points clamped to the image;
+    - ``offset_range_factor=-1``: free offsets, sampling points clamped to the image; the offset
+      network's last conv starts at zero, so training starts from the regular grid;
     - ``pe='table'``: DAT's default relative-position table, read by bilinear interpolation in
       normalised coordinates, so it works at any input size; ``pe_size`` sets its resolution
       (``2·pe_size − 1`` entries per side). Also ``'dwc'``, ``'log_cpb'``, ``'none'``.
@@ -408,6 +409,9 @@ class DAttention(DAttentionBaseline):
                          stride=stride, offset_range_factor=offset_range_factor, use_pe=pe != "none",
                          dwc_pe=pe == "dwc", no_off=False, fixed_pe=False, ksize=ksize or stride + 1,
                          log_cpb=pe == "log_cpb", backend=backend)
+        # Start from the regular grid: with DAT's default init the shared offset conv moves every point the
+        # same way, often to an image edge, before any training (see `yoloattn visualize` on an untrained model).
+        nn.init.zeros_(self.conv_offset[3].weight)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (N, C, H, W) -> (N, C, H, W)."""

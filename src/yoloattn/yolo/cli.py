@@ -9,6 +9,15 @@ YAMLs by short name (``yolov8n-bra.yaml``), ``data=shapes`` is the built-in data
 With no arguments, or ``train`` without ``model=``/``data=``, it runs the main job: train
 ``yolov8n-bra.yaml`` on the built-in ``shapes`` data with settings that finish in a few minutes
 on a 2-core CPU, then print the final mAP50-95.
+
+Commands of its own:
+
+- ``yoloattn ablate models=a.yaml,b.yaml seeds=0,1,2 data=... [train args]``: a fair comparison
+  (:mod:`yoloattn.yolo.ablate`);
+- ``yoloattn bench [layers=bra,dat,conv3x3 maps=P3,P4,P5 batches=1 models=... imgsz=640 device=cpu]``:
+  speed and memory tables and a chart (:mod:`yoloattn.bench.report`);
+- ``yoloattn visualize model=best.pt source=img.jpg [point=x,y imgsz=640 out=dir]``: where BRA routes
+  and where DAT samples (:mod:`yoloattn.yolo.visualize`).
 """
 
 from __future__ import annotations
@@ -75,6 +84,32 @@ def run_main_job(args: list[str]) -> float:
     return final
 
 
+def _ablate(options: dict) -> None:
+    from .ablate import ablate
+
+    ablate(**options)
+
+
+def _bench(options: dict) -> None:
+    """Layer table (BRA, DAT, 3x3 conv: reference vs fast) and model table, plus a PNG chart."""
+    from ..bench.report import bench
+
+    bench(**options)
+
+
+def _visualize(options: dict) -> None:
+    from .visualize import visualize
+
+    allowed = {"model", "source", "imgsz", "point", "out"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"yoloattn visualize does not take {unknown}; it takes {sorted(allowed)}")
+    visualize(**options)
+
+
+SUBCOMMANDS = {"ablate": _ablate, "bench": _bench, "visualize": _visualize}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``yoloattn`` command with ``argv`` (default: ``sys.argv[1:]``)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -85,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     from .register import register
 
     register()
+    if args and args[0] in SUBCOMMANDS:
+        SUBCOMMANDS[args[0]](_key_values(args[1:]))
+        return 0
     positional = [a for a in args if "=" not in a]
     keys = _key_values(args) if args else {}
     if isinstance(keys.get("resume"), str) and "model" not in keys:
