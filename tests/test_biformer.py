@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 
 from seed_reference import seed_bra_forward

@@ -1,6 +1,5 @@
 """Ultralytics integration: registration, shipped YAMLs at every scale, seed YAMLs, errors, FLOPs, transfer."""
 
-import textwrap
 
 import pytest
 import torch

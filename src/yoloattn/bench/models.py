@@ -76,7 +76,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
-    import yoloattn  # noqa: F401  (registers the layers)
+    from ..yolo.register import register
+
+    register()
 
     run_model_benchmark(args.models.split(","), args.imgsz, args.device, args.threads, args.rounds)
     return 0

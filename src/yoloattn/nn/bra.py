@@ -118,6 +118,13 @@ def _to_windows(x: Tensor, n_win: int) -> Tensor:
     return x.view(n, n_win, h, n_win, w, c).permute(0, 1, 3, 2, 4, 5).reshape(n, n_win * n_win, h, w, c)
 
 
+def _windows_to_nchw(x: Tensor, n_win: int) -> Tensor:
+    """(N, P, h, w, C) windows -> (N, C, H, W) map."""
+    n, _, h, w, c = x.shape
+    # einops: "n (j i) h w c -> n c (j h) (i w)"
+    return x.reshape(n, n_win, n_win, h, w, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, n_win * h, n_win * w)
+
+
 def _from_windows(x: Tensor, n_win: int, h: int, w: int) -> Tensor:
     """(N, P, h·w, C) -> (N, H, W, C), the inverse of :func:`_to_windows`."""
     n, _, _, c = x.shape
@@ -261,16 +268,15 @@ class BiLevelRoutingAttention(nn.Module):
         height, width = x.shape[1], x.shape[2]
         h, w = height // n_win, width // n_win
 
-        q, kv = self.qkv(x)  # (N, H, W, Cqk), (N, H, W, Cqk + C)
+        # Partition the input, not the 3x wider projections: one copy of C channels here and one back
+        # for LePE, instead of copies of q, k and v (the projection is per token, so the order is free).
+        x_win = _to_windows(x, n_win)  # (N, P, h, w, C)
+        q_win, kv_win = self.qkv(x_win)  # (N, P, h, w, Cqk), (N, P, h, w, Cqk + C)
         # split, not slicing: the backward of a slice writes a zero tensor of the full size
-        k, v = kv.split([self.qk_dim, self.dim], dim=-1)
+        k_win, v_win = kv_win.split([self.qk_dim, self.dim], dim=-1)
         # LePE on the values, in the padded image layout like BiFormer.
-        lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) if self.lepe is not None else None
-
-        q_win = _to_windows(q, n_win)  # (N, P, h, w, Cqk)
-        kv_win = _to_windows(kv, n_win)  # (N, P, h, w, Cqk + C)
-        # window means; the mean of the padded map's windows equals the mean of kv_win[..., :qk]
-        r_weight, r_idx = self.router(q_win.mean((2, 3)), _to_windows(k, n_win).mean((2, 3)))
+        lepe = self.lepe(_windows_to_nchw(v_win, n_win)).permute(0, 2, 3, 1) if self.lepe is not None else None
+        r_weight, r_idx = self.router(q_win.mean((2, 3)), k_win.mean((2, 3)))  # window means (N, P, Cqk)
 
         result = routed_attention(
             q_win.reshape(n, n_win * n_win, h * w, self.qk_dim), self._pool_kv(kv_win), r_idx,

@@ -191,6 +191,22 @@ class DAttentionBaseline(nn.Module):
             offset = offset.tanh() * step * self.offset_range_factor
         return offset
 
+    def _sample_input(self, x: Tensor, grid_xy: Tensor, hk, wk) -> Tensor:
+        """The input at the sampling points, (N, C, 1, Hk·Wk); ``grid_xy``: (N·g, Hk, Wk, 2) in (x, y) order.
+
+        Without offsets, the ``stride``-average-pooled input instead, as DAT does.
+        """
+        b, c, h, w = x.shape
+        if self.no_off:
+            sampled = F.avg_pool2d(x, kernel_size=self.stride, stride=self.stride)
+            if sampled.shape[2:] != (hk, wk):
+                raise ValueError(f"no_off needs the offset grid {(hk, wk)} to match the {self.stride}-pooled input "
+                                 f"{tuple(sampled.shape[2:])}; use ksize == stride")
+        else:
+            sampled = F.grid_sample(x.reshape(b * self.n_groups, self.n_group_channels, h, w), grid=grid_xy,
+                                    mode="bilinear", align_corners=True)
+        return sampled.reshape(b, c, 1, hk * wk)
+
     def forward(self, x: Tensor):
         """x: (N, C, H, W) -> (y, pos, reference), see the class docstring."""
         if x.dim() != 4 or x.shape[1] != self.nc:
@@ -217,15 +233,7 @@ class DAttentionBaseline(nn.Module):
         if self.offset_range_factor < 0:
             pos = pos.clamp(-1.0, 1.0)
         pos = pos.to(dtype)
-        if self.no_off:
-            x_sampled = F.avg_pool2d(x, kernel_size=self.stride, stride=self.stride)
-            if x_sampled.shape[2:] != (hk, wk):
-                raise ValueError(f"no_off needs the offset grid {(hk, wk)} to match the {self.stride}-pooled input "
-                                 f"{tuple(x_sampled.shape[2:])}; use ksize == stride")
-        else:
-            x_sampled = F.grid_sample(x.reshape(b * self.n_groups, self.n_group_channels, h, w),
-                                      grid=pos[..., (1, 0)], mode="bilinear", align_corners=True)
-        x_sampled = x_sampled.reshape(b, c, 1, n_sample)
+        x_sampled = self._sample_input(x, pos[..., (1, 0)], hk, wk)  # grid_sample wants (x, y)
         qh = q.reshape(b * self.n_heads, self.n_head_channels, h * w)
         k = self.proj_k(x_sampled).reshape(b * self.n_heads, self.n_head_channels, n_sample)
         v = self.proj_v(x_sampled).reshape(b * self.n_heads, self.n_head_channels, n_sample)
@@ -298,15 +306,7 @@ class DAttentionBaseline(nn.Module):
         if self.offset_range_factor < 0:
             pos_xy = pos_xy.clamp(-1.0, 1.0)
         pos_xy = pos_xy.to(dtype)
-        if self.no_off:
-            x_sampled = F.avg_pool2d(x, kernel_size=self.stride, stride=self.stride)
-            if x_sampled.shape[2:] != (hk, wk):
-                raise ValueError(f"no_off needs the offset grid {(hk, wk)} to match the {self.stride}-pooled input "
-                                 f"{tuple(x_sampled.shape[2:])}; use ksize == stride")
-        else:
-            x_sampled = F.grid_sample(x.reshape(bg, self.n_group_channels, h, w), grid=pos_xy, mode="bilinear",
-                                      align_corners=True)
-        x_sampled = x_sampled.reshape(b, c, 1, n_sample)
+        x_sampled = self._sample_input(x, pos_xy, hk, wk)
         m, d = self.n_heads, self.n_head_channels
         qh = q.reshape(b * m, d, h * w).transpose(1, 2)  # (B·m, HW, d)
         k = _pointwise(self.proj_k, x_sampled).reshape(b * m, d, n_sample)  # (B·m, d, n)

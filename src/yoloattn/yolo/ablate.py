@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -25,13 +24,13 @@ ABLATE_DEFAULTS = {
     "data": "shapes",
     "models": "yolov8n.yaml,yolov8n-bra.yaml,yolov8n-dat.yaml",
     "seeds": "0,1",
-    "epochs": 3,
-    "imgsz": 160,
+    "epochs": 6,
+    "imgsz": 192,
     "batch": 8,
     "optimizer": "SGD",
     "lr0": 0.02,
     "warmup_epochs": 0.5,
-    "close_mosaic": 1,
+    "close_mosaic": 2,
     "project": "runs/ablate",
     "name": "",
 }
@@ -78,6 +77,8 @@ def _run_one(model_name: str, seed: int, run_dir: Path, train_args: dict) -> dic
     model.train(**train_args, seed=seed, deterministic=True, project=str(run_dir.parent), name=run_dir.name,
                 exist_ok=True)
     train_s = time.perf_counter() - start
+    if Path(model.trainer.save_dir).resolve() != run_dir.resolve():
+        raise RuntimeError(f"Ultralytics saved the run to {model.trainer.save_dir}, not {run_dir}")
     metrics = model.trainer.validator.metrics
     net = model.model
     imgsz = int(train_args["imgsz"])
@@ -212,7 +213,8 @@ def ablate(**kwargs) -> dict:
         raise ValueError(f"seeds must be comma-separated integers, got {kwargs.get('seeds')!r}") from e
     if not models or not seeds:
         raise ValueError(f"ablate needs at least one model and one seed, got models={models} seeds={seeds}")
-    project, name = Path(args.pop("project")), args.pop("name") or _stem(str(args["data"]))
+    # absolute: Ultralytics files a relative project under its runs directory
+    project, name = Path(args.pop("project")).resolve(), args.pop("name") or _stem(str(args["data"]))
     out = project / name
     train_args = {k: v for k, v in args.items() if k not in _OWN_KEYS}
     check_dict_alignment(DEFAULT_CFG_DICT, train_args)
