@@ -173,3 +173,12 @@ def test_onnx_dynamic_matches_onnxruntime(backend, pe, tmp_path):
         with torch.no_grad():
             expected = layer(x).numpy()
         np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_yolo_layer_residual():
+    layer = DAttention(64).eval()
+    x = torch.randn(1, 64, 16, 16)
+    y_attn = layer.forward_with_points(x)[0]
+    torch.testing.assert_close(layer(x), x + y_attn)
+    layer.residual = False
+    torch.testing.assert_close(layer(x), y_attn)

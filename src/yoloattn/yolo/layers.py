@@ -66,7 +66,7 @@ class DAttention(_dat.DAttention, metaclass=_TakesInputChannels):
     """:class:`yoloattn.nn.DAttention` (deformable attention) as a YAML layer.
 
     YAML: ``[-1, 1, DAttention, []]`` or with the arguments after ``c1``:
-    ``[n_heads, n_groups, stride, ksize, offset_range_factor, pe, pe_size]``, e.g. ``[None, None, 8]``.
+    ``[n_heads, n_groups, stride, ksize, offset_range_factor, pe, pe_size, attn_drop, proj_drop, residual]``, e.g. ``[None, None, 8]``.
     The input channel count comes from the model.
     """
 
