@@ -245,3 +245,19 @@ def test_offline_environment():
 
 def test_safe_globals_registered():
     assert layers.BiLevelRoutingAttention in torch.serialization.get_safe_globals()
+
+
+def test_existing_ultralytics_name_is_not_shadowed(monkeypatch, caplog):
+    import importlib
+    import logging
+
+    from ultralytics.nn import tasks
+
+    register_module = importlib.import_module("yoloattn.yolo.register")  # the module, not the function
+
+    sentinel = type("DAttention", (torch.nn.Module,), {})
+    monkeypatch.setitem(vars(tasks), "DAttention", sentinel)
+    monkeypatch.setattr(register_module, "_done", False)
+    with caplog.at_level(logging.WARNING, logger="yoloattn"):
+        register_module.register()
+    assert tasks.DAttention is sentinel and "already defines 'DAttention'" in caplog.text

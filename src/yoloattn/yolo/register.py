@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 
 import torch
 
@@ -79,7 +80,11 @@ def register() -> None:
     for name, cls in YAML_LAYERS.items():
         existing = namespace.get(name)
         if existing is not None and existing is not cls:
-            raise RuntimeError(f"Ultralytics already defines {name!r} ({existing!r}); yoloattn will not shadow it")
+            # never shadow Ultralytics' own layer; its YAML rows keep meaning what Ultralytics means
+            logging.getLogger("yoloattn").warning(
+                "yoloattn: Ultralytics already defines %r (%r); the yoloattn layer is not registered under that "
+                "name", name, existing)
+            continue
         namespace[name] = cls
     _wrap_parse_model(tasks)
     if hasattr(torch.serialization, "add_safe_globals"):
