@@ -86,3 +86,8 @@ def test_visualize_rejects_models_without_attention(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "yoloattn.yolo.cli", "visualize", "model=yolov8n.yaml",
                            "imgsz=320", f"out={tmp_path}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "has no BiLevelRoutingAttention or DAttention layer" in proc.stderr
+
+
+def test_info_prints_summary_and_layers(tmp_path):
+    log = _cli(["info", "model=yolov10n-bra.yaml", "imgsz=320"], tmp_path)
+    assert "GFLOPs" in log and "layer 17: BiLevelRoutingAttention(dim=64" in log and "layer 21: BiLevelRoutingAttention(dim=128" in log

@@ -149,21 +149,24 @@ def _plots(out: Path, runs: list[dict], rows: list[dict]) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    def save(fig, ax, name: str, xlabel: str, ylabel: str, title: str) -> Path:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+        return out / name
+
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     for r in rows:
         ax.errorbar(r["latency_ms"], r["map50_95"], xerr=r["latency_ms_std"], yerr=r["map50_95_std"], fmt="o",
                     capsize=4, label=f"{r['model']} ({r['seeds']} seeds)")
         ax.annotate(_stem(r["model"]), (r["latency_ms"], r["map50_95"]), textcoords="offset points", xytext=(5, 5))
-    ax.set_xlabel(f"latency, ms (batch 1, {runs[0]['device']})")
-    ax.set_ylabel("mAP50-95 (mean ± std over seeds)")
-    ax.set_title("accuracy vs latency")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "map_vs_latency.png")
-    fig.savefig(paths[-1])
-    plt.close(fig)
+    scatter = save(fig, ax, "map_vs_latency.png", f"latency, ms (batch 1, {runs[0]['device']})",
+                   "mAP50-95 (mean ± std over seeds)", "accuracy vs latency")
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     for i, r in enumerate(rows):
@@ -175,16 +178,9 @@ def _plots(out: Path, runs: list[dict], rows: list[dict]) -> list[Path]:
             length = min(len(c) for c in curves)
             mean = [statistics.fmean(c[e] for c in curves) for e in range(length)]
             ax.plot(range(1, length + 1), mean, color=colour, lw=2, marker="o", label=_stem(r["model"]))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("val mAP50-95")
-    ax.set_title("per-epoch mAP (thin: single seeds, thick: mean)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "map_curves.png")
-    fig.savefig(paths[-1])
-    plt.close(fig)
-    return paths
+    curves_png = save(fig, ax, "map_curves.png", "epoch", "val mAP50-95",
+                      "per-epoch mAP (thin: single seeds, thick: mean)")
+    return [scatter, curves_png]
 
 
 def ablate(**kwargs) -> dict:

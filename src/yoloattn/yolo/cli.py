@@ -17,7 +17,9 @@ Commands of its own:
 - ``yoloattn bench [layers=bra,dat,conv3x3 maps=P3,P4,P5 batches=1 models=... imgsz=640 device=cpu]``:
   speed and memory tables and a chart (:mod:`yoloattn.bench.report`);
 - ``yoloattn visualize model=best.pt source=img.jpg [point=x,y imgsz=640 out=dir]``: where BRA routes
-  and where DAT samples (:mod:`yoloattn.yolo.visualize`).
+  and where DAT samples (:mod:`yoloattn.yolo.visualize`);
+- ``yoloattn info model=yolov8n-bra.yaml [imgsz=640 detailed=True]``: the model summary with GFLOPs at
+  ``imgsz`` and the attention layers it holds (``yolo`` has no ``info`` mode).
 """
 
 from __future__ import annotations
@@ -107,7 +109,24 @@ def _visualize(options: dict) -> None:
     visualize(**options)
 
 
-SUBCOMMANDS = {"ablate": _ablate, "bench": _bench, "visualize": _visualize}
+def _info(options: dict) -> None:
+    """Model summary (layers, parameters, GFLOPs at ``imgsz``) and the yoloattn layers it holds."""
+    from ultralytics.utils import LOGGER
+
+    from .model import YOLO
+
+    allowed = {"model", "imgsz", "detailed"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"yoloattn info does not take {unknown}; it takes {sorted(allowed)}")
+    model = YOLO(options.get("model", MAIN_JOB["model"]))
+    model.info(detailed=bool(options.get("detailed", False)), verbose=True, imgsz=int(options.get("imgsz", 640)))
+    for i, layer in enumerate(model.model.model):
+        if type(layer).__module__ == "yoloattn.yolo.layers":
+            LOGGER.info(f"  layer {i}: {type(layer).__name__}({layer.extra_repr()})")
+
+
+SUBCOMMANDS = {"ablate": _ablate, "bench": _bench, "info": _info, "visualize": _visualize}
 
 
 def main(argv: list[str] | None = None) -> int:
