@@ -226,11 +226,11 @@ def test_transfer_weights_across_shifted_layers():
     assert stats["transferred"] == len(src_sd) == len(dst_sd) - n_bra
     assert stats["layer_map"][15] == 15 and stats["layer_map"][16] == 17 and stats["layer_map"][22] == 23
     assert torch.equal(dst_sd["model.23.cv2.0.0.conv.weight"], src_sd["model.22.cv2.0.0.conv.weight"])
-    # Ultralytics' own index-based load moves far fewer
-    plain = ultralytics.YOLO("yolov8n.yaml").model
-    assert len(__import__("ultralytics").utils.torch_utils.intersect_dicts(src_sd, plain.state_dict())) == len(src_sd)
-    shifted = YOLO("yolov8n-bra.yaml").model
-    assert len(__import__("ultralytics").utils.torch_utils.intersect_dicts(src_sd, shifted.state_dict())) < 0.6 * len(src_sd)
+    # Ultralytics' own name-based load moves far fewer once a layer is inserted
+    from ultralytics.utils.torch_utils import intersect_dicts
+
+    assert len(intersect_dicts(src_sd, ultralytics.YOLO("yolov8n.yaml").model.state_dict())) == len(src_sd)
+    assert len(intersect_dicts(src_sd, YOLO("yolov8n-bra.yaml").model.state_dict())) < 0.6 * len(src_sd)
 
 
 def test_offline_environment():
