@@ -65,7 +65,7 @@ def _draw_bra(canvas: np.ndarray, layer, feat: torch.Tensor, point_xy, stride: f
         j, i = divmod(int(idx), n_win)
         x0, y0 = int(i * win_w), int(j * win_h)
         cv2.rectangle(out, (x0, y0), (int(x0 + win_w) - 1, int(y0 + win_h) - 1), (0, 140, 255), 1)
-        cv2.putText(out, f"{weight:.2f}", (x0 + 3, y0 + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
+        cv2.putText(out, f"{weight:.3f}", (x0 + 3, y0 + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
                     cv2.LINE_AA)
     x0, y0 = int(qi * win_w), int(qj * win_h)
     cv2.rectangle(out, (x0, y0), (int(x0 + win_w) - 1, int(y0 + win_h) - 1), (0, 255, 0), 2)
