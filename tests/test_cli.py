@@ -192,3 +192,20 @@ def test_bad_data_path_is_clear(workdir, env):
                env=env, cwd=workdir, check=False)
     assert out.returncode != 0
     assert "does/not/exist.yaml" in out.stdout + out.stderr
+
+
+def test_seed_scripts_with_only_import_and_paths_changed(trained, workdir, env, tiny_data):
+    # seed 000 §5 (YOLOv10(yaml).train(...)) and seed 003 §3-4 (YOLO(yaml), train, YOLO(best, task), plot)
+    out = _python(f"""
+        from yoloattn import YOLO, YOLOv10
+        import warnings
+        warnings.filterwarnings('ignore')
+        model = YOLOv10("yolov10n-bra.yaml")
+        model.train(data={str(tiny_data)!r}, imgsz={IMGSZ}, epochs=1, batch=4, workers=0, optimizer='SGD', amp=False,
+                    project={str(workdir)!r}, name='seed000', exist_ok=True, plots=False)
+        model = YOLO({str(trained)!r}, task='detect')
+        results = model({str(next((Path(tiny_data).parent / 'images' / 'val').glob('*.png')))!r})
+        res = results[0].plot()
+        print(res.shape)
+    """, env, workdir)
+    assert out.stdout.strip().splitlines()[-1] == f"({IMGSZ}, {IMGSZ}, 3)"
