@@ -113,9 +113,9 @@ def routed_attention_fast(
     if r_weight is not None:
         kv_sel = kv_sel * r_weight.to(kv_sel.dtype).reshape(n * p * topk, 1, 1)
     k, v = kv_sel.view(n * p, topk * lkv, c_kv).split([qk_dim, c_kv - qk_dim], dim=-1)
-    # heads-major contiguous operands: the CPU flash kernel runs about 25% faster on them than on
-    # token-major views (17 vs 23 ms at YOLOv8n's P3), far more than the copies cost
-    k, v = _heads(k, num_heads).contiguous(), _heads(v, num_heads).contiguous()  # (n·p, m, topk·lkv, c/m)
+    k, v = _heads(k, num_heads), _heads(v, num_heads)  # (n·p, m, topk·lkv, c/m)
+    # a heads-major contiguous q: the CPU flash kernel is slower on a token-major q view (23 vs 18 ms at
+    # YOLOv8n's P3 in isolation); k/v copies cost more than they gain
     qh = _heads(q.reshape(n * p, q.shape[2], qk_dim), num_heads).contiguous()  # (n·p, m, lq, c_qk/m)
     if v.dtype != qh.dtype:  # autocast can leave q and kv in different dtypes
         qh, k = qh.to(v.dtype), k.to(v.dtype)
