@@ -8,8 +8,10 @@ Two implementations compute the same thing:
   ``(windows·heads, Lq, topk·Lkv)`` attention matrix is built and soft-maxed.
 - :func:`routed_attention_fast`: the routed windows are picked with ``index_select``
   (its backward is an ``index_add`` of the gathered size, not a ``P``-times zero buffer) and
-  the attention runs in ``F.scaled_dot_product_attention``, which never materialises the
-  attention matrix on the CPU or CUDA and accumulates its softmax in fp32.
+  the attention runs in ``F.scaled_dot_product_attention``, whose fused kernels (fp32/bf16/fp16,
+  CPU and CUDA) never materialise the attention matrix and accumulate the softmax in fp32; q/k/v
+  head sizes are padded to match so the fused kernel applies when ``qk_dim != dim``. (float64
+  inputs, as in gradcheck, run PyTorch's math kernel.)
 
 :func:`routed_attention` chooses between them with :mod:`yoloattn.nn.backend`.
 """
