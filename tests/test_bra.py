@@ -1,5 +1,6 @@
 """Bi-Level Routing Attention: fast path vs reference vs the seed's math, errors, export."""
 
+import contextlib
 import io
 import logging
 
@@ -10,7 +11,7 @@ import torch
 from seed_reference import seed_bra_forward
 from yoloattn import BiLevelRoutingAttention, use_backend
 from yoloattn.nn import backend as backend_module
-from yoloattn.nn.functional import routed_attention, routed_attention_fast, routed_attention_reference
+from yoloattn.nn.functional import cpu_kernel, routed_attention, routed_attention_fast, routed_attention_reference
 
 # (name, constructor kwargs): every option of the layer, at small widths
 CONFIGS = [
@@ -58,14 +59,17 @@ def _assert_same(a, b, atol, rtol=1e-4):
             torch.testing.assert_close(ga, gb, atol=atol * max(1.0, gb.abs().max().item()), rtol=rtol)
 
 
+@pytest.mark.parametrize("impl", ["kernel", "sdpa"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name,kwargs", CONFIGS, ids=[c[0] for c in CONFIGS])
-def test_fast_matches_reference_and_seed(name, kwargs, shape):
+def test_fast_matches_reference_and_seed(name, kwargs, shape, impl):
+    """Both fast implementations (the CPU kernel where it applies, and the SDPA path) against the reference."""
     layer = BiLevelRoutingAttention(**kwargs)
     if kwargs.get("kv_downsample_mode") in ("avgpool", "maxpool") and min(shape[1:]) < 4:
         pytest.skip("window smaller than the pooling kernel")  # covered by test_pool_larger_than_window
     x = _input(kwargs["dim"], shape)
-    fast = _run(layer, x, "fast")
+    with contextlib.nullcontext() if impl == "kernel" else cpu_kernel.disabled():
+        fast = _run(layer, x, "fast")
     ref = _run(layer, x, "reference")
     _assert_same(fast, ref, atol=1e-5)
     assert fast[0].shape == x.shape

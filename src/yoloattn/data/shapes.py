@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .._cache import cache_dir
+
 __all__ = ["SHAPES_CLASSES", "shapes", "cache_dir"]
 
 SHAPES_CLASSES = ("circle", "square", "triangle", "cross")
 _VERSION = 1  # bump when the generator's output changes, so old caches are not reused
-
-
-def cache_dir() -> Path:
-    """``$YOLOATTN_CACHE`` or ``~/.cache/yoloattn``."""
-    return Path(os.environ.get("YOLOATTN_CACHE") or Path.home() / ".cache" / "yoloattn")
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Iterator
 
-__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "resolve_backend"]
+__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "resolve_backend", "log_decline"]
 
 LOGGER = logging.getLogger("yoloattn")
 
@@ -75,8 +75,13 @@ def resolve_backend(op: str, decline_reason: str | None = None, requested: str |
         return "reference"
     if decline_reason is None:
         return "fast"
-    key = f"{op}: {decline_reason}"
+    log_decline(op, decline_reason, "the reference path")
+    return "reference"
+
+
+def log_decline(op: str, reason: str, used: str) -> None:
+    """Log, once per process and reason, that ``op`` runs ``used`` instead of a faster kernel because ``reason``."""
+    key = f"{op}: {used}: {reason}"
     if key not in _reported:
         _reported.add(key)
-        LOGGER.info("yoloattn: %s uses the reference path because %s", op, decline_reason)
-    return "reference"
+        LOGGER.info("yoloattn: %s uses %s because %s", op, used, reason)

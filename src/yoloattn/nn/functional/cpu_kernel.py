@@ -1,0 +1,208 @@
+"""The CPU kernel of routed attention: a vectorised C++ forward and backward, called through ctypes.
+
+PyTorch's fused CPU attention is built for long sequences and large heads; BRA at YOLO's P3 is
+hundreds of tiny (144 × 576, head size 8) problems, where that kernel spends most of its time
+outside the arithmetic. ``csrc/routed_attention_cpu.cpp`` computes them directly: queries (or
+keys, in the dk/dv pass) sit in the lanes of one vector and the other operand is broadcast,
+the softmax is computed from a log-sum-exp saved by the forward (nothing of size
+``Lq × topk·Lkv`` is stored), and keys and values are read in place through the routing
+indices, so there is no gathered K/V copy either.
+
+The source is compiled once per machine with the system C++ compiler (``$CXX`` or ``c++``,
+``-O3 -march=native``, a few seconds) into ``$YOLOATTN_CACHE/kernels`` and loaded with ctypes.
+If that is impossible (no compiler, an unsupported platform) or ``YOLOATTN_CPU_KERNEL=0``,
+:func:`unavailable_reason` says why and routed attention runs its portable fast path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..._cache import cache_dir
+
+__all__ = ["routed_attention_cpu", "unavailable_reason", "decline_reason", "disabled"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "routed_attention_cpu.cpp"
+_ABI_VERSION = 1
+_MAX_HEAD_DIM = 128  # MAX_HEAD_DIM in the C++ source
+_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
+
+_enabled = os.environ.get("YOLOATTN_CPU_KERNEL", "1") != "0"
+
+_i64p = ctypes.POINTER(ctypes.c_int64)
+_vp = ctypes.c_void_p
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU's model and flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = [line for line in f if line.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(info)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compile(out: Path) -> None:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # same filesystem: the rename is atomic
+        tmp_out = Path(tmp) / out.name
+        proc = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp_out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp_out, out)
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL | str:
+    """The loaded kernel library, or a string saying why there is none."""
+    if sys.platform == "win32":
+        return "the CPU kernel is built with a POSIX C++ toolchain, not on Windows"
+    key = hashlib.sha256(
+        _SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_signature().encode() + os.environ.get("CXX", "").encode()
+    ).hexdigest()[:16]
+    path = cache_dir() / "kernels" / f"routed_attention_cpu-{key}.so"
+    try:
+        if not path.exists():
+            _compile(path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return f"the CPU kernel could not be built ({e})"
+    if lib.yoloattn_abi_version() != _ABI_VERSION:
+        return f"{path} has ABI {lib.yoloattn_abi_version()}, expected {_ABI_VERSION}"
+    lib.yoloattn_routed_forward.argtypes = [_i64p, _i64p, ctypes.c_float] + [_vp] * 5 + [ctypes.c_int]
+    lib.yoloattn_routed_backward_dq.argtypes = [_i64p, _i64p, ctypes.c_float] + [_vp] * 7 + [ctypes.c_int]
+    lib.yoloattn_routed_backward_dkv.argtypes = [_i64p, _i64p, ctypes.c_float] + [_vp] * 8 + [ctypes.c_int]
+    return lib
+
+
+def unavailable_reason() -> str | None:
+    """None if the CPU kernel is built and loaded, else why not (built on the first call)."""
+    lib = _library()
+    return lib if isinstance(lib, str) else None
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the portable fast path instead of the CPU kernel inside a ``with`` block (for comparisons)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def decline_reason(q: Tensor, kv: Tensor, r_weight: Tensor | None, num_heads: int, qk_dim: int) -> str | None:
+    """Why :func:`routed_attention_cpu` cannot run this call, or None if it can."""
+    if not _enabled:
+        return "the CPU kernel is switched off (YOLOATTN_CPU_KERNEL=0 or cpu_kernel.disabled())"
+    if q.device.type != "cpu" or kv.device.type != "cpu":
+        return f"the CPU kernel runs on the CPU, not {q.device.type}"
+    if q.dtype != torch.float32 or kv.dtype != torch.float32:
+        return f"the CPU kernel computes in float32, got {q.dtype}/{kv.dtype}"
+    if r_weight is not None:
+        return "the CPU kernel has no soft routing (r_weight)"
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+        return "traced or exported graphs cannot call the ctypes kernel"
+    if torch.compiler.is_compiling():
+        return "torch.compile cannot trace the ctypes kernel"
+    if max(qk_dim, kv.shape[-1] - qk_dim) // num_heads > _MAX_HEAD_DIM:
+        return f"the CPU kernel supports head sizes up to {_MAX_HEAD_DIM}"
+    return unavailable_reason()
+
+
+def _rows(t: Tensor) -> tuple[Tensor, int]:
+    """``t`` (N, P, L, C) as rows with a uniform stride and contiguous channels, and that stride."""
+    n, p, length, _ = t.shape
+    s0, s1, s2, s3 = t.stride()
+    if s3 != 1 or s1 != length * s2 or s0 != p * s1:
+        t = t.contiguous()
+        s2 = t.stride(2)
+    return t, s2
+
+
+def _ptr(t: Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _dims(*values: int) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+class _RoutedAttentionCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, kv: Tensor, r_idx: Tensor, num_heads: int, qk_dim: int, scale: float) -> Tensor:
+        lib = _library()
+        n, p, lq, _ = q.shape
+        lkv, c_v = kv.shape[2], kv.shape[3] - qk_dim
+        q, q_rs = _rows(q)
+        kv, kv_rs = _rows(kv)
+        idx = r_idx.to(torch.int64).contiguous()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p):  # the kernel reads through them unchecked
+            raise ValueError(f"r_idx must hold window indices in [0, {p}), got values in "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        out = q.new_empty(n, p, lq, c_v)
+        lse = q.new_empty(n, p, num_heads, lq)
+        dims = _dims(n, p, lq, lkv, idx.shape[-1], num_heads, qk_dim // num_heads, c_v // num_heads)
+        status = lib.yoloattn_routed_forward(dims, _dims(q_rs, kv_rs, c_v), scale, _ptr(q), _ptr(kv), _ptr(idx),
+                                             _ptr(out), _ptr(lse), torch.get_num_threads())
+        if status:
+            raise RuntimeError(f"routed attention CPU kernel rejected head sizes {tuple(dims)[6:]}")
+        ctx.save_for_backward(q, kv, idx, out, lse)
+        ctx.dims, ctx.scale = dims, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        q, kv, idx, out, lse = ctx.saved_tensors
+        dims, scale = ctx.dims, ctx.scale
+        lib = _library()
+        n, p, lq, _ = q.shape
+        topk, heads, dv = idx.shape[-1], dims[5], dims[7]
+        q_rs, kv_rs = q.stride(2), kv.stride(2)
+        dout, dout_rs = _rows(dout)
+        # delta = rowsum(dout * out) per head: the softmax backward's correction term, (N, P, heads, Lq)
+        delta = (dout * out).view(n, p, lq, heads, dv).sum(-1).transpose(2, 3).contiguous()
+        strides, threads = _dims(q_rs, kv_rs, dout_rs), torch.get_num_threads()
+        dq = dkv = None
+        if ctx.needs_input_grad[0]:
+            dq = q.new_empty(q.shape)
+            lib.yoloattn_routed_backward_dq(dims, strides, scale, _ptr(q), _ptr(kv), _ptr(idx), _ptr(dout),
+                                            _ptr(lse), _ptr(delta), _ptr(dq), threads)
+        if ctx.needs_input_grad[1]:
+            # the query windows that routed each key window, grouped by key window: (N, P·topk) and (N, P + 1)
+            flat = idx.view(n, p * topk)
+            inv_win = torch.div(torch.argsort(flat, dim=1, stable=True), topk, rounding_mode="floor").contiguous()
+            inv_start = torch.zeros(n, p + 1, dtype=torch.int64)
+            inv_start[:, 1:] = torch.zeros(n, p, dtype=torch.int64).scatter_add_(1, flat, torch.ones_like(flat)).cumsum(1)
+            dkv = kv.new_empty(kv.shape)
+            lib.yoloattn_routed_backward_dkv(dims, strides, scale, _ptr(q), _ptr(kv), _ptr(inv_start), _ptr(inv_win),
+                                             _ptr(dout), _ptr(lse), _ptr(delta), _ptr(dkv), threads)
+        return dq, dkv, None, None, None, None
+
+
+def routed_attention_cpu(q: Tensor, kv: Tensor, r_idx: Tensor, *, num_heads: int, qk_dim: int, scale: float) -> Tensor:
+    """Routed attention with the compiled CPU kernel (fp32, hard routing).
+
+    Same arguments and result as :func:`yoloattn.nn.functional.routed_attention` without ``r_weight``;
+    check :func:`decline_reason` first.
+    """
+    return _RoutedAttentionCPU.apply(q, kv, r_idx, num_heads, qk_dim, scale)

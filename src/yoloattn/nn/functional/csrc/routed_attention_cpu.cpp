@@ -1,0 +1,292 @@
+// Routed (BRA) attention on the CPU: fp32 forward and backward, no attention matrix, no K/V copies.
+//
+// Built on first use by yoloattn/nn/functional/cpu_kernel.py (g++ -O3 -march=native) and called through
+// ctypes with raw pointers; there is no Python or PyTorch header here.
+//
+// Layouts (row-major; a "row" is one token, rows are `*_rs` floats apart, channels contiguous):
+//   q    (N, P, Lq, Cq)        Cq = heads * dk; head h owns channels [h*dk, (h+1)*dk)
+//   kv   (N, P, Lkv, Cq + Cv)  keys in [0, Cq), values in [Cq, Cq + Cv), Cv = heads * dv
+//   idx  (N, P, topk) int64    key windows routed to each query window
+//   out  (N, P, Lq, Cv)
+//   lse, delta (N, P, heads, Lq) contiguous: log2-sum-exp2 of the logits in log2 units (scale * log2(e) *
+//                              q.k, so every exponential is an exp2); sum(dout * out) per head
+//
+// Vectorisation: LANES query tokens (forward, dq) or LANES key tokens (dk, dv) sit in one vector, and the
+// other operand is broadcast, so every multiply-add is a full-width FMA whatever the head size. Each output
+// element is written by one thread in a fixed order: the results do not depend on the thread count.
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int LANES = 16;
+constexpr int MAX_HEAD_DIM = 128;
+typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
+typedef uint32_t uvec __attribute__((vector_size(LANES * sizeof(uint32_t))));
+constexpr float LOG2E = 1.4426950408889634f;
+
+inline vec splat(float x) { return vec{} + x; }
+
+// 2^x for a vector, x <= ~0 (logits minus their max or log-sum-exp, in log2 units): x = n + r with
+// n = round(x), |r| <= 1/2; 2^r by its degree-6 Taylor polynomial (relative error < 1.3e-7, about 1 ulp)
+// and 2^n written straight into the exponent bits. Inputs below -126 give about 2^-126 instead of 0,
+// which is below float32's resolution next to the row maximum (2^0).
+inline vec vexp2(vec x) {
+    constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+    x = x < -126.0f ? splat(-126.0f) : x;
+    vec z = x + kRound;
+    vec r = x - (z - kRound);
+    vec p = splat(1.5403530393381609e-4f);
+    p = p * r + 1.3333558146428443e-3f;
+    p = p * r + 9.6181291076284772e-3f;
+    p = p * r + 5.5504108664821580e-2f;
+    p = p * r + 2.4022650695910071e-1f;
+    p = p * r + 6.9314718055994531e-1f;
+    p = p * r + 1.0f;
+    uvec bits;
+    std::memcpy(&bits, &z, sizeof(bits));
+    bits = (bits + 127u) << 23;  // the low bits of z hold n; (magic << 23) wraps to 0
+    vec two_n;
+    std::memcpy(&two_n, &bits, sizeof(two_n));
+    return p * two_n;
+}
+
+struct Shape {
+    int64_t n, p, lq, lkv, topk, heads, dk, dv;
+    int64_t q_rs, kv_rs, o_rs;  // row strides of q, kv, out (and dout, dq, dkv: see each pass)
+    float scale;
+    int64_t cq() const { return heads * dk; }
+};
+
+// Runs body(item) for item in [0, count) on `threads` threads, handing items out one by one.
+template <class Body>
+void parallel_items(int64_t count, int threads, Body body) {
+    std::atomic<int64_t> next{0};
+    auto worker = [&]() {
+        for (int64_t item = next.fetch_add(1); item < count; item = next.fetch_add(1)) body(item);
+    };
+    threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, count)));
+    std::vector<std::thread> pool;
+    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+    worker();
+    for (auto& th : pool) th.join();
+}
+
+// Loads LANES rows' channels [col, col + d) of a row-major matrix as d vectors (lane = row); rows past
+// `valid` read as zero.
+template <int D>
+inline void load_lanes(vec* dst, int d_rt, const float* base, int64_t rs, int64_t col, int valid) {
+    const int d = D > 0 ? D : d_rt;
+    for (int c = 0; c < d; ++c) dst[c] = vec{};
+    for (int l = 0; l < valid; ++l) {
+        const float* row = base + l * rs + col;
+        for (int c = 0; c < d; ++c) dst[c][l] = row[c];
+    }
+}
+
+template <int D>
+inline void store_lanes(float* base, int64_t rs, int64_t col, const vec* src, int d_rt, int valid) {
+    const int d = D > 0 ? D : d_rt;
+    for (int l = 0; l < valid; ++l) {
+        float* row = base + l * rs + col;
+        for (int c = 0; c < d; ++c) row[c] = src[c][l];
+    }
+}
+
+// ---- forward -------------------------------------------------------------------------------------------
+template <int DK, int DV>
+void forward(const Shape& s, const float* q, const float* kv, const int64_t* idx, float* out, float* lse,
+             int threads) {
+    const int dk = DK > 0 ? DK : s.dk, dv = DV > 0 ? DV : s.dv;
+    const int64_t keys = s.topk * s.lkv, cq = s.cq();
+    parallel_items(s.n * s.p, threads, [&](int64_t win) {  // win = b * P + p
+        const int64_t b = win / s.p;
+        std::vector<vec> logits(keys);
+        vec qv[DK > 0 ? DK : MAX_HEAD_DIM], ov[DV > 0 ? DV : MAX_HEAD_DIM];
+        const float* kv_b = kv + b * s.p * s.lkv * s.kv_rs;
+        for (int64_t h = 0; h < s.heads; ++h) {
+            for (int64_t i0 = 0; i0 < s.lq; i0 += LANES) {
+                const int valid = static_cast<int>(std::min<int64_t>(LANES, s.lq - i0));
+                load_lanes<DK>(qv, dk, q + (win * s.lq + i0) * s.q_rs, s.q_rs, h * dk, valid);
+                for (int c = 0; c < dk; ++c) qv[c] *= s.scale * LOG2E;
+                // logits (log2 units) of the LANES queries against every routed key, and their running max
+                vec m = splat(-INFINITY);
+                for (int64_t t = 0; t < s.topk; ++t) {
+                    const float* krow = kv_b + idx[win * s.topk + t] * s.lkv * s.kv_rs + h * dk;
+                    vec* lg = logits.data() + t * s.lkv;
+                    for (int64_t j = 0; j < s.lkv; ++j, krow += s.kv_rs) {
+                        vec acc = qv[0] * krow[0];
+                        for (int c = 1; c < dk; ++c) acc += qv[c] * krow[c];
+                        lg[j] = acc;
+                        m = acc > m ? acc : m;
+                    }
+                }
+                // exp, row sums and the weighted values in one sweep
+                vec sum = vec{};
+                for (int c = 0; c < dv; ++c) ov[c] = vec{};
+                for (int64_t t = 0; t < s.topk; ++t) {
+                    const float* vrow = kv_b + idx[win * s.topk + t] * s.lkv * s.kv_rs + cq + h * dv;
+                    const vec* lg = logits.data() + t * s.lkv;
+                    for (int64_t j = 0; j < s.lkv; ++j, vrow += s.kv_rs) {
+                        vec e = vexp2(lg[j] - m);
+                        sum += e;
+                        for (int c = 0; c < dv; ++c) ov[c] += e * vrow[c];
+                    }
+                }
+                vec inv = 1.0f / sum;
+                for (int c = 0; c < dv; ++c) ov[c] *= inv;
+                store_lanes<DV>(out + (win * s.lq + i0) * s.o_rs, s.o_rs, h * dv, ov, dv, valid);
+                float* lse_row = lse + (win * s.heads + h) * s.lq + i0;
+                for (int l = 0; l < valid; ++l) lse_row[l] = m[l] + std::log2(sum[l]);
+            }
+        }
+    });
+}
+
+// ---- backward, dq: one query window per item, queries in lanes -----------------------------------------
+template <int DK, int DV>
+void backward_dq(const Shape& s, const float* q, const float* kv, const int64_t* idx, const float* dout,
+                 const float* lse, const float* delta, float* dq, int threads) {
+    const int dk = DK > 0 ? DK : s.dk, dv = DV > 0 ? DV : s.dv;
+    const int64_t cq = s.cq();
+    parallel_items(s.n * s.p, threads, [&](int64_t win) {
+        const int64_t b = win / s.p;
+        vec qv[DK > 0 ? DK : MAX_HEAD_DIM], dqv[DK > 0 ? DK : MAX_HEAD_DIM], gv[DV > 0 ? DV : MAX_HEAD_DIM];
+        const float* kv_b = kv + b * s.p * s.lkv * s.kv_rs;
+        for (int64_t h = 0; h < s.heads; ++h) {
+            for (int64_t i0 = 0; i0 < s.lq; i0 += LANES) {
+                const int valid = static_cast<int>(std::min<int64_t>(LANES, s.lq - i0));
+                load_lanes<DK>(qv, dk, q + (win * s.lq + i0) * s.q_rs, s.q_rs, h * dk, valid);
+                load_lanes<DV>(gv, dv, dout + (win * s.lq + i0) * s.o_rs, s.o_rs, h * dv, valid);
+                vec lse_v = vec{}, delta_v = vec{};
+                const int64_t stat = (win * s.heads + h) * s.lq + i0;
+                for (int l = 0; l < valid; ++l) lse_v[l] = lse[stat + l], delta_v[l] = delta[stat + l];
+                for (int c = 0; c < dk; ++c) qv[c] *= s.scale * LOG2E, dqv[c] = vec{};
+                for (int64_t t = 0; t < s.topk; ++t) {
+                    const float* krow = kv_b + idx[win * s.topk + t] * s.lkv * s.kv_rs + h * dk;
+                    const float* vrow = krow - h * dk + cq + h * dv;
+                    for (int64_t j = 0; j < s.lkv; ++j, krow += s.kv_rs, vrow += s.kv_rs) {
+                        vec logit = qv[0] * krow[0];
+                        for (int c = 1; c < dk; ++c) logit += qv[c] * krow[c];
+                        vec prob = vexp2(logit - lse_v);
+                        vec dprob = gv[0] * vrow[0];
+                        for (int c = 1; c < dv; ++c) dprob += gv[c] * vrow[c];
+                        vec dlogit = prob * (dprob - delta_v);
+                        for (int c = 0; c < dk; ++c) dqv[c] += dlogit * krow[c];
+                    }
+                }
+                for (int c = 0; c < dk; ++c) dqv[c] *= s.scale;
+                store_lanes<DK>(dq + (win * s.lq + i0) * cq, cq, h * dk, dqv, dk, valid);
+            }
+        }
+    });
+}
+
+// ---- backward, dk and dv: one key window per item, keys in lanes ---------------------------------------
+// inv_start (N, P + 1) and inv_win (N, P * topk): the query windows that routed key window r of image b are
+// inv_win[b, inv_start[b, r] : inv_start[b, r + 1]].
+template <int DK, int DV>
+void backward_dkv(const Shape& s, const float* q, const float* kv, const int64_t* inv_start,
+                  const int64_t* inv_win, const float* dout, const float* lse, const float* delta, float* dkv,
+                  int threads) {
+    const int dk = DK > 0 ? DK : s.dk, dv = DV > 0 ? DV : s.dv;
+    const int64_t cq = s.cq(), ckv = cq + s.heads * s.dv;
+    parallel_items(s.n * s.p, threads, [&](int64_t kwin) {  // kwin = b * P + r
+        const int64_t b = kwin / s.p, r = kwin % s.p;
+        vec kv_[DK > 0 ? DK : MAX_HEAD_DIM], vv[DV > 0 ? DV : MAX_HEAD_DIM];
+        vec dkv_[DK > 0 ? DK : MAX_HEAD_DIM], dvv[DV > 0 ? DV : MAX_HEAD_DIM];
+        const int64_t* starts = inv_start + b * (s.p + 1);
+        for (int64_t h = 0; h < s.heads; ++h) {
+            for (int64_t j0 = 0; j0 < s.lkv; j0 += LANES) {
+                const int valid = static_cast<int>(std::min<int64_t>(LANES, s.lkv - j0));
+                const float* keys = kv + (kwin * s.lkv + j0) * s.kv_rs;
+                load_lanes<DK>(kv_, dk, keys, s.kv_rs, h * dk, valid);
+                load_lanes<DV>(vv, dv, keys, s.kv_rs, cq + h * dv, valid);
+                for (int c = 0; c < dk; ++c) kv_[c] *= s.scale * LOG2E, dkv_[c] = vec{};
+                for (int c = 0; c < dv; ++c) dvv[c] = vec{};
+                for (int64_t u = starts[r]; u < starts[r + 1]; ++u) {
+                    const int64_t qwin = b * s.p + inv_win[b * s.p * s.topk + u];
+                    const float* qrow = q + qwin * s.lq * s.q_rs + h * dk;
+                    const float* grow = dout + qwin * s.lq * s.o_rs + h * dv;
+                    const float* lse_row = lse + (qwin * s.heads + h) * s.lq;
+                    const float* delta_row = delta + (qwin * s.heads + h) * s.lq;
+                    for (int64_t i = 0; i < s.lq; ++i, qrow += s.q_rs, grow += s.o_rs) {
+                        vec logit = kv_[0] * qrow[0];
+                        for (int c = 1; c < dk; ++c) logit += kv_[c] * qrow[c];
+                        vec prob = vexp2(logit - lse_row[i]);
+                        vec dprob = vv[0] * grow[0];
+                        for (int c = 1; c < dv; ++c) dprob += vv[c] * grow[c];
+                        vec dlogit = prob * (dprob - delta_row[i]);
+                        for (int c = 0; c < dv; ++c) dvv[c] += prob * grow[c];
+                        for (int c = 0; c < dk; ++c) dkv_[c] += dlogit * qrow[c];
+                    }
+                }
+                for (int c = 0; c < dk; ++c) dkv_[c] *= s.scale;
+                float* dst = dkv + (kwin * s.lkv + j0) * ckv;
+                store_lanes<DK>(dst, ckv, h * dk, dkv_, dk, valid);
+                store_lanes<DV>(dst, ckv, cq + h * dv, dvv, dv, valid);
+            }
+        }
+    });
+}
+
+// Head sizes with a compiled specialisation (BRA in YOLO: 64..512 channels over 8 heads) get unrolled loops;
+// others run the generic ones, up to MAX_HEAD_DIM. `run` is called with std::integral_constant<int, D>,
+// D = 0 for the generic loops.
+template <class Run>
+int dispatch(int64_t dk, int64_t dv, Run run) {
+    if (dk < 1 || dv < 1 || dk > MAX_HEAD_DIM || dv > MAX_HEAD_DIM) return 1;
+    if (dk == dv && dk == 8) run(std::integral_constant<int, 8>{});
+    else if (dk == dv && dk == 16) run(std::integral_constant<int, 16>{});
+    else if (dk == dv && dk == 32) run(std::integral_constant<int, 32>{});
+    else run(std::integral_constant<int, 0>{});
+    return 0;
+}
+
+Shape make_shape(const int64_t* dims, const int64_t* strides, float scale) {
+    return Shape{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7],
+                 strides[0], strides[1], strides[2], scale};
+}
+
+}  // namespace
+
+extern "C" {
+
+int yoloattn_abi_version() { return 1; }
+
+// dims: n, p, lq, lkv, topk, heads, dk, dv.  strides: rows of q, kv, out.  Returns 0, or 1 for unsupported
+// head sizes.
+int yoloattn_routed_forward(const int64_t* dims, const int64_t* strides, float scale, const float* q,
+                            const float* kv, const int64_t* idx, float* out, float* lse, int threads) {
+    const Shape s = make_shape(dims, strides, scale);
+    return dispatch(s.dk, s.dv, [&](auto d) { forward<d.value, d.value>(s, q, kv, idx, out, lse, threads); });
+}
+
+// strides: rows of q, kv, dout. dq is written contiguous (N, P, Lq, Cq).
+int yoloattn_routed_backward_dq(const int64_t* dims, const int64_t* strides, float scale, const float* q,
+                                const float* kv, const int64_t* idx, const float* dout, const float* lse,
+                                const float* delta, float* dq, int threads) {
+    const Shape s = make_shape(dims, strides, scale);
+    return dispatch(s.dk, s.dv, [&](auto d) {
+        backward_dq<d.value, d.value>(s, q, kv, idx, dout, lse, delta, dq, threads);
+    });
+}
+
+// strides: rows of q, kv, dout. dkv is written contiguous (N, P, Lkv, Cq + Cv); inv_*: see backward_dkv.
+int yoloattn_routed_backward_dkv(const int64_t* dims, const int64_t* strides, float scale, const float* q,
+                                 const float* kv, const int64_t* inv_start, const int64_t* inv_win,
+                                 const float* dout, const float* lse, const float* delta, float* dkv,
+                                 int threads) {
+    const Shape s = make_shape(dims, strides, scale);
+    return dispatch(s.dk, s.dv, [&](auto d) {
+        backward_dkv<d.value, d.value>(s, q, kv, inv_start, inv_win, dout, lse, delta, dkv, threads);
+    });
+}
+
+}  // extern "C"

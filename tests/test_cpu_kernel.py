@@ -1,0 +1,163 @@
+"""The compiled CPU kernel of routed attention against the reference math, plus its fallbacks."""
+
+import logging
+
+import pytest
+import torch
+
+from yoloattn import BiLevelRoutingAttention
+from yoloattn.nn import backend as backend_module
+from yoloattn.nn.functional import cpu_kernel, routed_attention, routed_attention_reference
+
+pytestmark = pytest.mark.skipif(cpu_kernel.unavailable_reason() is not None,
+                                reason=f"CPU kernel unavailable: {cpu_kernel.unavailable_reason()}")
+
+# (n, p, lq, lkv, topk, heads, qk_dim, v_dim): the specialised head sizes 8/16/32 and generic ones
+# (4, 12, 6 vs 10), token counts that are and are not multiples of the 16 vector lanes, topk = p, batch > 1
+CASES = [
+    (1, 49, 144, 144, 4, 8, 64, 64),  # YOLOv8n P3 at 640
+    (2, 9, 13, 13, 3, 2, 16, 16),
+    (2, 4, 5, 16, 2, 4, 64, 32),  # qk head 16, v head 8: generic loops
+    (1, 4, 20, 20, 4, 1, 8, 8),  # topk = p
+    (2, 16, 36, 9, 5, 4, 128, 128),  # pooled keys (Lkv < Lq), head 32
+    (3, 4, 17, 33, 2, 2, 12, 20),
+    (1, 1, 1, 1, 1, 1, 4, 4),
+]
+
+
+def _inputs(n, p, lq, lkv, topk, heads, qk_dim, v_dim, dtype=torch.float32, strided=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if strided:  # q and kv as column slices of wider tensors, like the outputs of the qkv projection
+        q = torch.randn(n, p, lq, qk_dim + 7, generator=g, dtype=dtype)[..., 3:3 + qk_dim]
+        kv = torch.randn(n, p, lkv, qk_dim + v_dim + 5, generator=g, dtype=dtype)[..., :qk_dim + v_dim]
+    else:
+        q = torch.randn(n, p, lq, qk_dim, generator=g, dtype=dtype)
+        kv = torch.randn(n, p, lkv, qk_dim + v_dim, generator=g, dtype=dtype)
+    r_idx = torch.stack([torch.randperm(p, generator=g)[:topk] for _ in range(n * p)]).view(n, p, topk)
+    return q.requires_grad_(), kv.requires_grad_(), r_idx
+
+
+def _out_and_grads(fn, q, kv, seed=1):
+    out = fn(q, kv)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    return (out.detach(), *torch.autograd.grad((out * weight).sum(), (q, kv)))
+
+
+@pytest.mark.parametrize("strided", [True, False])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_kernel_matches_reference(case, strided):
+    q, kv, r_idx = _inputs(*case, strided=strided)
+    heads, qk_dim = case[5], case[6]
+    kw = dict(num_heads=heads, qk_dim=qk_dim, scale=qk_dim**-0.5)
+    kernel = _out_and_grads(lambda q, kv: cpu_kernel.routed_attention_cpu(q, kv, r_idx, **kw), q, kv)
+    ref = _out_and_grads(lambda q, kv: routed_attention_reference(q, kv, r_idx, **kw)[0], q, kv)
+    for a, b in zip(kernel, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES[1:4], ids=lambda c: "-".join(map(str, c)))
+def test_kernel_against_float64(case):
+    """The fp32 kernel's outputs and gradients against float64 autograd of the reference math."""
+    q, kv, r_idx = _inputs(*case, strided=False)
+    heads, qk_dim = case[5], case[6]
+    kw = dict(num_heads=heads, qk_dim=qk_dim, scale=qk_dim**-0.5)
+    kernel = _out_and_grads(lambda q, kv: cpu_kernel.routed_attention_cpu(q, kv, r_idx, **kw), q, kv)
+    q64, kv64 = (t.detach().double().requires_grad_() for t in (q, kv))
+    ref = _out_and_grads(lambda q, kv: routed_attention_reference(q, kv, r_idx, **kw)[0], q64, kv64)
+    for a, b in zip(kernel, ref):
+        torch.testing.assert_close(a.double(), b, atol=2e-6, rtol=1e-5)
+
+
+def test_only_requested_gradients():
+    q, kv, r_idx = _inputs(*CASES[1])
+    kw = dict(num_heads=2, qk_dim=16, scale=0.25)
+    ref_dq, ref_dkv = torch.autograd.grad(routed_attention_reference(q, kv, r_idx, **kw)[0].sum(), (q, kv))
+    (dq,) = torch.autograd.grad(cpu_kernel.routed_attention_cpu(q, kv.detach(), r_idx, **kw).sum(), (q,))
+    (dkv,) = torch.autograd.grad(cpu_kernel.routed_attention_cpu(q.detach(), kv, r_idx, **kw).sum(), (kv,))
+    torch.testing.assert_close(dq, ref_dq, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dkv, ref_dkv, atol=1e-5, rtol=1e-5)
+
+
+def test_repeated_routing_index_counts_twice():
+    """A key window routed twice to one query window (not produced by top-k, but valid input) counts twice."""
+    q, kv, _ = _inputs(1, 4, 6, 6, 3, 2, 8, 8)
+    r_idx = torch.tensor([[[0, 0, 1], [1, 2, 2], [3, 3, 3], [0, 1, 2]]])
+    kw = dict(num_heads=2, qk_dim=8, scale=0.3)
+    kernel = _out_and_grads(lambda q, kv: cpu_kernel.routed_attention_cpu(q, kv, r_idx, **kw), q, kv)
+    ref = _out_and_grads(lambda q, kv: routed_attention_reference(q, kv, r_idx, **kw)[0], q, kv)
+    for a, b in zip(kernel, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_same_result_for_any_thread_count():
+    q, kv, r_idx = _inputs(*CASES[0])
+    kw = dict(num_heads=8, qk_dim=64, scale=0.125)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(_out_and_grads(lambda q, kv: cpu_kernel.routed_attention_cpu(q, kv, r_idx, **kw), q, kv))
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_dispatch_uses_kernel_and_logs_declines(caplog, monkeypatch):
+    monkeypatch.setattr(backend_module, "_reported", set())
+    calls = []
+    original = cpu_kernel.routed_attention_cpu
+    monkeypatch.setattr(cpu_kernel, "routed_attention_cpu", lambda *a, **k: calls.append(1) or original(*a, **k))
+    q, kv, r_idx = _inputs(*CASES[1])
+    kw = dict(num_heads=2, qk_dim=16, scale=0.25)
+    with caplog.at_level(logging.INFO, logger="yoloattn"):
+        routed_attention(q, kv, r_idx, **kw)
+        assert calls == [1] and caplog.text == ""
+        routed_attention(q.bfloat16(), kv.bfloat16(), r_idx, **kw)
+        routed_attention(q, kv, r_idx, torch.rand(r_idx.shape), **kw)
+        with cpu_kernel.disabled():
+            routed_attention(q, kv, r_idx, **kw)
+    assert calls == [1]
+    assert "uses the SDPA fast path because the CPU kernel computes in float32, got torch.bfloat16" in caplog.text
+    assert "because the CPU kernel has no soft routing (r_weight)" in caplog.text
+    assert "because the CPU kernel is switched off" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_traced_layer_does_not_call_the_kernel(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "routed_attention_cpu", lambda *a, **k: pytest.fail("kernel called while tracing"))
+    layer = BiLevelRoutingAttention(32, num_heads=4).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, torch.randn(1, 32, 14, 14), check_trace=False)
+    monkeypatch.undo()
+    x = torch.randn(2, 32, 13, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), layer(x), atol=1e-5, rtol=1e-4)
+
+
+def test_bad_routing_indices_raise():
+    q, kv, r_idx = _inputs(*CASES[1])
+    with pytest.raises(ValueError, match=r"r_idx must hold window indices in \[0, 9\), got values in \[9, 9\]"):
+        cpu_kernel.routed_attention_cpu(q, kv, torch.full_like(r_idx, 9), num_heads=2, qk_dim=16, scale=0.25)
+
+
+def test_falls_back_when_no_compiler(monkeypatch, tmp_path, caplog):
+    """Without a working compiler the kernel reports why, and routed attention still runs (SDPA path)."""
+    monkeypatch.setenv("YOLOATTN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(backend_module, "_reported", set())
+    cpu_kernel._library.cache_clear()
+    try:
+        reason = cpu_kernel.unavailable_reason()
+        assert reason is not None and "could not be built" in reason and "no-such-compiler" in reason
+        q, kv, r_idx = _inputs(*CASES[1])
+        kw = dict(num_heads=2, qk_dim=16, scale=0.25)
+        with caplog.at_level(logging.INFO, logger="yoloattn"):
+            out = routed_attention(q, kv, r_idx, **kw)
+        torch.testing.assert_close(out, routed_attention_reference(q, kv, r_idx, **kw)[0], atol=1e-5, rtol=1e-5)
+        assert "uses the SDPA fast path because the CPU kernel could not be built" in caplog.text
+    finally:
+        cpu_kernel._library.cache_clear()
+    monkeypatch.undo()
+    assert cpu_kernel.unavailable_reason() is None
