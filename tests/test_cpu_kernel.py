@@ -1,6 +1,7 @@
 """The compiled CPU kernel of routed attention against the reference math, plus its fallbacks."""
 
 import logging
+import platform
 
 import pytest
 import torch
@@ -53,6 +54,23 @@ def test_kernel_matches_reference(case, strided):
     ref = _out_and_grads(lambda q, kv: routed_attention_reference(q, kv, r_idx, **kw)[0], q, kv)
     for a, b in zip(kernel, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 ISA levels")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+def test_kernel_without_avx512_matches_reference(march, monkeypatch):
+    """Machines without AVX-512 (AVX2, or plain SSE2) compile the portable exp2 and narrower vectors."""
+    lib = cpu_kernel._build_library(march)
+    if isinstance(lib, str):
+        pytest.skip(lib)
+    monkeypatch.setattr(cpu_kernel, "_library", lambda: lib)
+    for case in (CASES[0], CASES[2], CASES[5]):
+        q, kv, r_idx = _inputs(*case)
+        kw = dict(num_heads=case[5], qk_dim=case[6], scale=case[6] ** -0.5)
+        kernel = _out_and_grads(lambda q, kv: cpu_kernel.routed_attention_cpu(q, kv, r_idx, **kw), q, kv)
+        ref = _out_and_grads(lambda q, kv: routed_attention_reference(q, kv, r_idx, **kw)[0], q, kv)
+        for a, b in zip(kernel, ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", CASES[1:4], ids=lambda c: "-".join(map(str, c)))
@@ -147,7 +165,7 @@ def test_falls_back_when_no_compiler(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("YOLOATTN_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(backend_module, "_reported", set())
-    cpu_kernel._library.cache_clear()
+    cpu_kernel._build_library.cache_clear()
     try:
         reason = cpu_kernel.unavailable_reason()
         assert reason is not None and "could not be built" in reason and "no-such-compiler" in reason
@@ -158,6 +176,6 @@ def test_falls_back_when_no_compiler(monkeypatch, tmp_path, caplog):
         torch.testing.assert_close(out, routed_attention_reference(q, kv, r_idx, **kw)[0], atol=1e-5, rtol=1e-5)
         assert "uses the SDPA fast path because the CPU kernel could not be built" in caplog.text
     finally:
-        cpu_kernel._library.cache_clear()
+        cpu_kernel._build_library.cache_clear()
     monkeypatch.undo()
     assert cpu_kernel.unavailable_reason() is None

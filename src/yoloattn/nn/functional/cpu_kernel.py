@@ -39,7 +39,7 @@ __all__ = ["routed_attention_cpu", "unavailable_reason", "decline_reason", "disa
 _SOURCE = Path(__file__).with_name("csrc") / "routed_attention_cpu.cpp"
 _ABI_VERSION = 1
 _MAX_HEAD_DIM = 128  # MAX_HEAD_DIM in the C++ source
-_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
 
 _enabled = os.environ.get("YOLOATTN_CPU_KERNEL", "1") != "0"
 
@@ -57,31 +57,36 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-def _compile(out: Path) -> None:
+def _compile(out: Path, march: str) -> None:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not compiler:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # same filesystem: the rename is atomic
         tmp_out = Path(tmp) / out.name
-        proc = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp_out)], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *_FLAGS, f"-march={march}", str(_SOURCE), "-o", str(tmp_out)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp_out, out)
 
 
-@functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL | str:
-    """The loaded kernel library, or a string saying why there is none."""
+    """The kernel library for this machine, or a string saying why there is none."""
+    return _build_library("native")
+
+
+@functools.lru_cache(maxsize=None)
+def _build_library(march: str) -> ctypes.CDLL | str:
+    """The kernel compiled with ``-march={march}`` and loaded, or a string saying why there is none."""
     if sys.platform == "win32":
         return "the CPU kernel is built with a POSIX C++ toolchain, not on Windows"
     key = hashlib.sha256(
-        _SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_signature().encode() + os.environ.get("CXX", "").encode()
-    ).hexdigest()[:16]
+        _SOURCE.read_bytes() + " ".join([*_FLAGS, march]).encode() + _cpu_signature().encode()
+        + os.environ.get("CXX", "").encode()).hexdigest()[:16]
     path = cache_dir() / "kernels" / f"routed_attention_cpu-{key}.so"
     try:
         if not path.exists():
-            _compile(path)
+            _compile(path, march)
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return f"the CPU kernel could not be built ({e})"
