@@ -1,5 +1,6 @@
 """The compiled CPU kernel of routed attention against the reference math, plus its fallbacks."""
 
+import contextlib
 import logging
 import platform
 
@@ -179,3 +180,32 @@ def test_falls_back_when_no_compiler(monkeypatch, tmp_path, caplog):
         cpu_kernel._build_library.cache_clear()
     monkeypatch.undo()
     assert cpu_kernel.unavailable_reason() is None
+
+
+@pytest.mark.parametrize("pooled_kv", [False, True])
+def test_image_tiles_read_in_place(pooled_kv):
+    """q/kv given as (N, Py, Px, h, w, C) tiles of NHWC images: every path gives the windowed result."""
+    g = torch.Generator().manual_seed(0)
+    n, n_win, h, w, heads, qk_dim, v_dim = 2, 3, 5, 4, 2, 8, 16
+    img = torch.randn(n, n_win * h, n_win * w, 2 * qk_dim + v_dim, generator=g)  # like the qkv projection
+    q_img, kv_img = img.split([qk_dim, qk_dim + v_dim], dim=-1)
+    q = q_img.view(n, n_win, h, n_win, w, qk_dim).transpose(2, 3).requires_grad_()
+    kv = kv_img.view(n, n_win, h, n_win, w, qk_dim + v_dim).transpose(2, 3)
+    if pooled_kv:
+        kv = kv.reshape(n, n_win * n_win, h * w, -1)[:, :, ::3]  # strided token rows of window blocks
+    kv = kv.detach().requires_grad_()
+    p = n_win * n_win
+    r_idx = torch.stack([torch.randperm(p, generator=g)[:4] for _ in range(n * p)]).view(n, p, 4)
+    kw = dict(num_heads=heads, qk_dim=qk_dim, scale=0.3)
+    results = {}
+    for name, ctx in (("kernel", contextlib.nullcontext()), ("sdpa", cpu_kernel.disabled())):
+        with ctx:
+            results[name] = _out_and_grads(lambda q, kv: routed_attention(q, kv, r_idx, **kw), q, kv)
+    results["reference"] = _out_and_grads(lambda q, kv: routed_attention(q, kv, r_idx, backend="reference", **kw), q, kv)
+    expected = routed_attention_reference(q.detach().reshape(n, p, h * w, qk_dim),
+                                          kv.detach().reshape(n, p, -1, qk_dim + v_dim), r_idx, **kw)[0]
+    assert results["kernel"][0].shape == (n, n_win, n_win, h, w, v_dim)
+    torch.testing.assert_close(results["kernel"][0].reshape(n, p, h * w, v_dim), expected, atol=1e-5, rtol=1e-5)
+    for name in ("sdpa", "reference"):
+        for a, b in zip(results["kernel"], results[name]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -110,26 +110,23 @@ def _tracing() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
-def _to_windows(x: Tensor, n_win: int) -> Tensor:
-    """(N, H, W, C) -> (N, P, h, w, C) with P = n_win², h = H / n_win, w = W / n_win."""
+def _tiles(x: Tensor, n_win: int) -> Tensor:
+    """(N, H, W, C) -> (N, n_win, n_win, h, w, C) view of its windows, h = H / n_win, w = W / n_win."""
     n, height, width, c = x.shape
-    h, w = height // n_win, width // n_win
-    # einops: "n (j h) (i w) c -> n (j i) h w c"
-    return x.view(n, n_win, h, n_win, w, c).permute(0, 1, 3, 2, 4, 5).reshape(n, n_win * n_win, h, w, c)
+    # einops: "n (j h) (i w) c -> n j i h w c", without a copy
+    return x.view(n, n_win, height // n_win, n_win, width // n_win, c).transpose(2, 3)
 
 
-def _windows_to_nchw(x: Tensor, n_win: int) -> Tensor:
-    """(N, P, h, w, C) windows -> (N, C, H, W) map."""
-    n, _, h, w, c = x.shape
-    # einops: "n (j i) h w c -> n c (j h) (i w)"
-    return x.reshape(n, n_win, n_win, h, w, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, n_win * h, n_win * w)
+def _tile_means(x: Tensor) -> Tensor:
+    """(N, Py, Px, h, w, C) tiles -> (N, Py·Px, C) means (one reduction at a time: several times faster)."""
+    n, py, px, h, w, c = x.shape
+    return (x.sum(4).sum(3) / (h * w)).reshape(n, py * px, c)
 
 
-def _from_windows(x: Tensor, n_win: int, h: int, w: int) -> Tensor:
-    """(N, P, h·w, C) -> (N, H, W, C), the inverse of :func:`_to_windows`."""
-    n, _, _, c = x.shape
-    # einops: "n (j i) (h w) c -> n (j h) (i w) c"
-    return x.view(n, n_win, n_win, h, w, c).permute(0, 1, 3, 2, 4, 5).reshape(n, n_win * h, n_win * w, c)
+def _untile(x: Tensor) -> Tensor:
+    """(N, n_win, n_win, h, w, C) -> (N, H, W, C), the inverse of :func:`_tiles` (a view for image tiles)."""
+    n, py, px, h, w, c = x.shape
+    return x.transpose(2, 3).reshape(n, py * h, px * w, c)
 
 
 class BiLevelRoutingAttention(nn.Module):
@@ -231,10 +228,11 @@ class BiLevelRoutingAttention(nn.Module):
                 f"auto_pad={self.auto_pad}")
 
     def _pool_kv(self, kv: Tensor) -> Tensor:
-        """(N, P, h, w, C) window keys/values -> (N, P, Lkv, C) after the kv downsampling."""
-        n, p, h, w, c = kv.shape
+        """(N, n_win, n_win, h, w, C) tiles of keys/values -> the same tiles, or (N, P, Lkv, C) pooled windows."""
         if isinstance(self.kv_down, nn.Identity):
-            return kv.reshape(n, p, h * w, c)
+            return kv
+        n, py, px, h, w, c = kv.shape
+        p = py * px
         if self.kv_downsample_mode in ("avgpool", "maxpool") and (h < self.kv_downsample_ratio or w < self.kv_downsample_ratio):
             raise ValueError(f"kv_downsample_ratio={self.kv_downsample_ratio} is larger than the {h}x{w} windows of "
                              f"this input; use a larger input, a smaller n_win={self.n_win} or a smaller ratio")
@@ -265,25 +263,22 @@ class BiLevelRoutingAttention(nn.Module):
         elif h_in % n_win or w_in % n_win:
             raise ValueError(f"auto_pad=False needs H and W divisible by n_win={n_win}, got input of shape "
                              f"(N, H, W, C)={tuple(x.shape)}; set auto_pad=True or resize the input")
-        height, width = x.shape[1], x.shape[2]
-        h, w = height // n_win, width // n_win
-
-        # Partition the input, not the 3x wider projections: one copy of C channels here and one back
-        # for LePE, instead of copies of q, k and v (the projection is per token, so the order is free).
-        x_win = _to_windows(x, n_win)  # (N, P, h, w, C)
-        q_win, kv_win = self.qkv(x_win)  # (N, P, h, w, Cqk), (N, P, h, w, Cqk + C)
+        # Project the image once and cut the projections into windows as strided views (no copies): the CPU
+        # kernel reads the tiles in place; the other paths copy them into window blocks.
+        q_img, kv_img = self.qkv(x)  # (N, H, W, Cqk), (N, H, W, Cqk + C)
         # split, not slicing: the backward of a slice writes a zero tensor of the full size
-        k_win, v_win = kv_win.split([self.qk_dim, self.dim], dim=-1)
+        k_img, v_img = kv_img.split([self.qk_dim, self.dim], dim=-1)
         # LePE on the values, in the padded image layout like BiFormer.
-        lepe = self.lepe(_windows_to_nchw(v_win, n_win)).permute(0, 2, 3, 1) if self.lepe is not None else None
-        r_weight, r_idx = self.router(q_win.mean((2, 3)), k_win.mean((2, 3)))  # window means (N, P, Cqk)
+        lepe = self.lepe(v_img.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) if self.lepe is not None else None
+        q_win, k_win = _tiles(q_img, n_win), _tiles(k_img, n_win)  # (N, n_win, n_win, h, w, C)
+        r_weight, r_idx = self.router(_tile_means(q_win), _tile_means(k_win))  # window means (N, P, Cqk)
 
         result = routed_attention(
-            q_win.reshape(n, n_win * n_win, h * w, self.qk_dim), self._pool_kv(kv_win), r_idx,
-            r_weight if self.soft_routing else None, num_heads=self.num_heads, qk_dim=self.qk_dim,
-            scale=self.scale, return_attn=ret_attn_mask, backend=self.backend)
+            q_win, self._pool_kv(_tiles(kv_img, n_win)), r_idx, r_weight if self.soft_routing else None,
+            num_heads=self.num_heads, qk_dim=self.qk_dim, scale=self.scale, return_attn=ret_attn_mask,
+            backend=self.backend)
         out, attn = result if ret_attn_mask else (result, None)
-        out = _from_windows(out, n_win, h, w)  # (N, H, W, C)
+        out = _untile(out)  # (N, H, W, C)
         if lepe is not None:
             out = out + lepe
         out = self.wo(out)

@@ -37,7 +37,7 @@ from ..._cache import cache_dir
 __all__ = ["routed_attention_cpu", "unavailable_reason", "decline_reason", "disabled"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "routed_attention_cpu.cpp"
-_ABI_VERSION = 1
+_ABI_VERSION = 3
 _MAX_HEAD_DIM = 128  # MAX_HEAD_DIM in the C++ source
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
 
@@ -92,6 +92,7 @@ def _build_library(march: str) -> ctypes.CDLL | str:
         return f"the CPU kernel could not be built ({e})"
     if lib.yoloattn_abi_version() != _ABI_VERSION:
         return f"{path} has ABI {lib.yoloattn_abi_version()}, expected {_ABI_VERSION}"
+    # (dims, layouts, scale, tensor pointers..., threads)
     lib.yoloattn_routed_forward.argtypes = [_i64p, _i64p, ctypes.c_float] + [_vp] * 5 + [ctypes.c_int]
     lib.yoloattn_routed_backward_dq.argtypes = [_i64p, _i64p, ctypes.c_float] + [_vp] * 7 + [ctypes.c_int]
     lib.yoloattn_routed_backward_dkv.argtypes = [_i64p, _i64p, ctypes.c_float] + [_vp] * 8 + [ctypes.c_int]
@@ -134,14 +135,36 @@ def decline_reason(q: Tensor, kv: Tensor, r_weight: Tensor | None, num_heads: in
     return unavailable_reason()
 
 
-def _rows(t: Tensor) -> tuple[Tensor, int]:
-    """``t`` (N, P, L, C) as rows with a uniform stride and contiguous channels, and that stride."""
-    n, p, length, _ = t.shape
-    s0, s1, s2, s3 = t.stride()
-    if s3 != 1 or s1 != length * s2 or s0 != p * s1:
-        t = t.contiguous()
-        s2 = t.stride(2)
-    return t, s2
+def _token_count(t: Tensor) -> int:
+    return t.shape[2] if t.dim() == 4 else t.shape[3] * t.shape[4]
+
+
+def _layout(t: Tensor) -> list[int]:
+    """Where ``t``'s windows and tokens are: (Py, Px, h, w, stride of N, Py, Px, h, w), see the C++ Layout.
+
+    ``t`` is (N, P, L, C) windows, read as Py = 1, Px = P, h = 1, w = L, or (N, Py, Px, h, w, C) tiles
+    of an image; channels contiguous.
+    """
+    st = t.stride()
+    if t.dim() == 4:
+        return [1, t.shape[1], 1, t.shape[2], st[0], 0, st[1], 0, st[2]]
+    return [*t.shape[1:5], *st[:5]]
+
+
+def _dense(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _new_like_windows(t: Tensor, channels: int) -> Tensor:
+    """A new tensor in ``t``'s form with ``channels`` channels: contiguous windows, or tiles of a new image."""
+    if t.dim() == 4:
+        return t.new_empty(*t.shape[:3], channels)
+    n, py, px, h, w, _ = t.shape
+    return t.new_empty(n, py, h, px, w, channels).transpose(2, 3)  # (N, Py, Px, h, w, C) tiles of (N, H, W, C)
+
+
+def _layouts(*tensors: Tensor) -> ctypes.Array:
+    return _dims(*(v for t in tensors for v in _layout(t)))
 
 
 def _ptr(t: Tensor) -> ctypes.c_void_p:
@@ -156,19 +179,19 @@ class _RoutedAttentionCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, kv: Tensor, r_idx: Tensor, num_heads: int, qk_dim: int, scale: float) -> Tensor:
         lib = _library()
-        n, p, lq, _ = q.shape
-        lkv, c_v = kv.shape[2], kv.shape[3] - qk_dim
-        q, q_rs = _rows(q)
-        kv, kv_rs = _rows(kv)
+        q, kv = _dense(q), _dense(kv)
+        n, lq, lkv, c_v = q.shape[0], _token_count(q), _token_count(kv), kv.shape[-1] - qk_dim
+        p = r_idx.shape[1]
         idx = r_idx.to(torch.int64).contiguous()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p):  # the kernel reads through them unchecked
             raise ValueError(f"r_idx must hold window indices in [0, {p}), got values in "
                              f"[{int(idx.min())}, {int(idx.max())}]")
-        out = q.new_empty(n, p, lq, c_v)
+        out = _new_like_windows(q, c_v)
         lse = q.new_empty(n, p, num_heads, lq)
         dims = _dims(n, p, lq, lkv, idx.shape[-1], num_heads, qk_dim // num_heads, c_v // num_heads)
-        status = lib.yoloattn_routed_forward(dims, _dims(q_rs, kv_rs, c_v), scale, _ptr(q), _ptr(kv), _ptr(idx),
-                                             _ptr(out), _ptr(lse), torch.get_num_threads())
+        layouts = _layouts(q, kv, out)
+        status = lib.yoloattn_routed_forward(dims, layouts, scale, _ptr(q), _ptr(kv), _ptr(idx), _ptr(out),
+                                             _ptr(lse), torch.get_num_threads())
         if status:
             raise RuntimeError(f"routed attention CPU kernel rejected head sizes {tuple(dims)[6:]}")
         ctx.save_for_backward(q, kv, idx, out, lse)
@@ -180,17 +203,16 @@ class _RoutedAttentionCPU(torch.autograd.Function):
         q, kv, idx, out, lse = ctx.saved_tensors
         dims, scale = ctx.dims, ctx.scale
         lib = _library()
-        n, p, lq, _ = q.shape
-        topk, heads, dv = idx.shape[-1], dims[5], dims[7]
-        q_rs, kv_rs = q.stride(2), kv.stride(2)
-        dout, dout_rs = _rows(dout)
+        n, p, lq, _, topk, heads, _, dv = tuple(dims)
+        dout = _dense(dout)
         # delta = rowsum(dout * out) per head: the softmax backward's correction term, (N, P, heads, Lq)
-        delta = (dout * out).view(n, p, lq, heads, dv).sum(-1).transpose(2, 3).contiguous()
-        strides, threads = _dims(q_rs, kv_rs, dout_rs), torch.get_num_threads()
+        delta = (dout * out).reshape(n, p, lq, heads, dv).sum(-1).transpose(2, 3).contiguous()
+        threads = torch.get_num_threads()
         dq = dkv = None
         if ctx.needs_input_grad[0]:
-            dq = q.new_empty(q.shape)
-            lib.yoloattn_routed_backward_dq(dims, strides, scale, _ptr(q), _ptr(kv), _ptr(idx), _ptr(dout),
+            dq = _new_like_windows(q, q.shape[-1])
+            layouts = _layouts(q, kv, dout, dq)
+            lib.yoloattn_routed_backward_dq(dims, layouts, scale, _ptr(q), _ptr(kv), _ptr(idx), _ptr(dout),
                                             _ptr(lse), _ptr(delta), _ptr(dq), threads)
         if ctx.needs_input_grad[1]:
             # the query windows that routed each key window, grouped by key window: (N, P·topk) and (N, P + 1)
@@ -198,8 +220,9 @@ class _RoutedAttentionCPU(torch.autograd.Function):
             inv_win = torch.div(torch.argsort(flat, dim=1, stable=True), topk, rounding_mode="floor").contiguous()
             inv_start = torch.zeros(n, p + 1, dtype=torch.int64)
             inv_start[:, 1:] = torch.zeros(n, p, dtype=torch.int64).scatter_add_(1, flat, torch.ones_like(flat)).cumsum(1)
-            dkv = kv.new_empty(kv.shape)
-            lib.yoloattn_routed_backward_dkv(dims, strides, scale, _ptr(q), _ptr(kv), _ptr(inv_start), _ptr(inv_win),
+            dkv = _new_like_windows(kv, kv.shape[-1])
+            layouts = _layouts(q, kv, dout, dkv)
+            lib.yoloattn_routed_backward_dkv(dims, layouts, scale, _ptr(q), _ptr(kv), _ptr(inv_start), _ptr(inv_win),
                                              _ptr(dout), _ptr(lse), _ptr(delta), _ptr(dkv), threads)
         return dq, dkv, None, None, None, None
 
@@ -207,7 +230,7 @@ class _RoutedAttentionCPU(torch.autograd.Function):
 def routed_attention_cpu(q: Tensor, kv: Tensor, r_idx: Tensor, *, num_heads: int, qk_dim: int, scale: float) -> Tensor:
     """Routed attention with the compiled CPU kernel (fp32, hard routing).
 
-    Same arguments and result as :func:`yoloattn.nn.functional.routed_attention` without ``r_weight``;
-    check :func:`decline_reason` first.
+    Same arguments and result as :func:`yoloattn.nn.functional.routed_attention` without ``r_weight``
+    (windows or image tiles, read in place); check :func:`decline_reason` first.
     """
     return _RoutedAttentionCPU.apply(q, kv, r_idx, num_heads, qk_dim, scale)

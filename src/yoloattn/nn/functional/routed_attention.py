@@ -34,11 +34,16 @@ __all__ = ["routed_attention", "routed_attention_fast", "routed_attention_refere
 
 
 def _check(q: Tensor, kv: Tensor, r_idx: Tensor, r_weight: Tensor | None, num_heads: int, qk_dim: int) -> None:
-    if q.dim() != 4 or kv.dim() != 4 or r_idx.dim() != 3:
+    if q.dim() not in (4, 6) or kv.dim() not in (4, 6) or r_idx.dim() != 3:
         raise ValueError(
-            "expected q (N, P, Lq, Cqk), kv (N, P, Lkv, Cqk + Cv) and r_idx (N, P, topk), "
-            f"got shapes {tuple(q.shape)}, {tuple(kv.shape)} and {tuple(r_idx.shape)}"
+            "expected q (N, P, Lq, Cqk) or (N, Py, Px, h, w, Cqk), kv (N, P, Lkv, Cqk + Cv) or "
+            f"(N, Py, Px, hk, wk, Cqk + Cv) and r_idx (N, P, topk), got shapes {tuple(q.shape)}, "
+            f"{tuple(kv.shape)} and {tuple(r_idx.shape)}"
         )
+    windows = [t.shape[0] * t.shape[1] if t.dim() == 4 else t.shape[0] * t.shape[1] * t.shape[2] for t in (q, kv)]
+    if windows[0] != windows[1] or windows[0] != r_idx.shape[0] * r_idx.shape[1] or q.shape[0] != r_idx.shape[0]:
+        raise ValueError(f"q, kv and r_idx must have the same N and P windows, got shapes {tuple(q.shape)}, "
+                         f"{tuple(kv.shape)} and {tuple(r_idx.shape)}")
     if q.shape[-1] != qk_dim or kv.shape[-1] <= qk_dim:
         raise ValueError(f"q must have qk_dim={qk_dim} channels and kv more than that, got {q.shape[-1]} and {kv.shape[-1]}")
     if qk_dim % num_heads or (kv.shape[-1] - qk_dim) % num_heads:
@@ -47,6 +52,14 @@ def _check(q: Tensor, kv: Tensor, r_idx: Tensor, r_weight: Tensor | None, num_he
         raise TypeError(f"r_idx must be an integer tensor, got {r_idx.dtype}")
     if r_weight is not None and r_weight.shape != r_idx.shape:
         raise ValueError(f"r_weight must have the shape of r_idx {tuple(r_idx.shape)}, got {tuple(r_weight.shape)}")
+
+
+def _as_windows(t: Tensor) -> Tensor:
+    """(N, Py, Px, h, w, C) image tiles -> (N, P, L, C) windows (a copy unless already window-major)."""
+    if t.dim() == 6:
+        n, py, px, h, w, c = t.shape
+        return t.reshape(n, py * px, h * w, c)
+    return t
 
 
 def _heads(t: Tensor, num_heads: int) -> Tensor:
@@ -153,8 +166,11 @@ def routed_attention(
     """Multi-head attention of each query window over the key/value windows routed to it.
 
     Args:
-        q: (N, P, Lq, Cqk) queries of the P windows, Lq tokens each.
-        kv: (N, P, Lkv, Cqk + Cv) keys then values of every window (possibly pooled).
+        q: (N, P, Lq, Cqk) queries of the P windows, Lq tokens each; or (N, Py, Px, h, w, Cqk) with
+            P = Py·Px and Lq = h·w, e.g. ``img.view(N, Py, h, Px, w, C).transpose(2, 3)`` of an NHWC image,
+            whose tiles the CPU kernel then reads in place (other paths copy them into windows).
+        kv: (N, P, Lkv, Cqk + Cv) keys then values of every window (possibly pooled), or image tiles
+            (N, Py, Px, hk, wk, Cqk + Cv) like q.
         r_idx: (N, P, topk) integer indices of the windows routed to each query window.
         r_weight: (N, P, topk) or None. If given, the keys and values of each routed
             window are multiplied by its weight (BiFormer's soft routing).
@@ -166,7 +182,8 @@ def routed_attention(
         backend: override the process-wide backend for this call.
 
     Returns:
-        out: (N, P, Lq, Cv), heads concatenated along channels, or ``(out, attn)``.
+        out: heads concatenated along channels, in q's form: (N, P, Lq, Cv), or (N, Py, Px, h, w, Cv)
+            tiles (of a new (N, Py·h, Px·w, Cv) image on the CPU kernel path); or ``(out, attn)``.
     """
     _check(q, kv, r_idx, r_weight, num_heads, qk_dim)
     reason = "the attention matrix was requested" if return_attn else None
@@ -175,6 +192,10 @@ def routed_attention(
         if kernel_reason is None:
             return cpu_kernel.routed_attention_cpu(q, kv, r_idx, num_heads=num_heads, qk_dim=qk_dim, scale=scale)
         log_decline("routed_attention", kernel_reason, "the SDPA fast path")
-        return routed_attention_fast(q, kv, r_idx, r_weight, num_heads=num_heads, qk_dim=qk_dim, scale=scale)
-    out, attn = routed_attention_reference(q, kv, r_idx, r_weight, num_heads=num_heads, qk_dim=qk_dim, scale=scale)
+        out = routed_attention_fast(_as_windows(q), _as_windows(kv), r_idx, r_weight, num_heads=num_heads,
+                                    qk_dim=qk_dim, scale=scale)
+        return out.view(*q.shape[:-1], out.shape[-1])
+    out, attn = routed_attention_reference(_as_windows(q), _as_windows(kv), r_idx, r_weight, num_heads=num_heads,
+                                           qk_dim=qk_dim, scale=scale)
+    out = out.view(*q.shape[:-1], out.shape[-1])
     return (out, attn) if return_attn else out

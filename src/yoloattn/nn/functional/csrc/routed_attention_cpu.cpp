@@ -3,11 +3,14 @@
 // Built on first use by yoloattn/nn/functional/cpu_kernel.py (g++ -O3 -march=native) and called through
 // ctypes with raw pointers; there is no Python or PyTorch header here.
 //
-// Layouts (row-major; a "row" is one token, rows are `*_rs` floats apart, channels contiguous):
+// Tensors (each token's channels contiguous; where a token lives is given by a Layout, below):
 //   q    (N, P, Lq, Cq)        Cq = heads * dk; head h owns channels [h*dk, (h+1)*dk)
 //   kv   (N, P, Lkv, Cq + Cv)  keys in [0, Cq), values in [Cq, Cq + Cv), Cv = heads * dv
 //   idx  (N, P, topk) int64    key windows routed to each query window
 //   out  (N, P, Lq, Cv)
+// A Layout maps (window w = b * P + p, token i) to the float offset win[w] + tok[i] of that token's first
+// channel, so windows may be contiguous blocks or tiles of an (N, H, W, C) image read in place; it is built
+// from 9 numbers per tensor (see Layout's constructor).
 //   lse, delta (N, P, heads, Lq) contiguous: log2-sum-exp2 of the logits in log2 units (scale * log2(e) *
 //                              q.k, so every exponential is an exp2); sum(dout * out) per head
 //
@@ -72,9 +75,24 @@ inline vec vexp2(vec x) {
 }
 #endif
 
+struct Layout {
+    std::vector<int64_t> win;  // (N * P,)
+    std::vector<int64_t> tok;  // (tokens per window,)
+    int64_t at(int64_t w, int64_t i) const { return win[w] + tok[i]; }
+
+    // desc = (Py, Px, h, w, stride of n, py, px, y, x): window (b, py, px) and token (y, x) in a strided tensor
+    Layout(int64_t n, const int64_t* desc) {
+        const int64_t py = desc[0], px = desc[1], th = desc[2], tw = desc[3];
+        for (int64_t b = 0; b < n; ++b)
+            for (int64_t i = 0; i < py; ++i)
+                for (int64_t j = 0; j < px; ++j) win.push_back(b * desc[4] + i * desc[5] + j * desc[6]);
+        for (int64_t y = 0; y < th; ++y)
+            for (int64_t x = 0; x < tw; ++x) tok.push_back(y * desc[7] + x * desc[8]);
+    }
+};
+
 struct Shape {
     int64_t n, p, lq, lkv, topk, heads, dk, dv;
-    int64_t q_rs, kv_rs, o_rs;  // row strides of q, kv, out (and dout, dq, dkv: see each pass)
     float scale;
     int64_t cq() const { return heads * dk; }
 };
@@ -93,49 +111,52 @@ void parallel_items(int64_t count, int threads, Body body) {
     for (auto& th : pool) th.join();
 }
 
-// Loads LANES rows' channels [col, col + d) of a row-major matrix as d vectors (lane = row); rows past
-// `valid` read as zero.
+// Loads channels [col, col + d) of tokens i0 .. i0 + valid - 1 of window w as d vectors (lane = token);
+// lanes past `valid` read as zero.
 template <int D>
-inline void load_lanes(vec* dst, int d_rt, const float* base, int64_t rs, int64_t col, int valid) {
+inline void load_lanes(vec* dst, int d_rt, const float* base, const Layout& lay, int64_t w, int64_t i0,
+                       int64_t col, int valid) {
     const int d = D > 0 ? D : d_rt;
     for (int c = 0; c < d; ++c) dst[c] = vec{};
     for (int l = 0; l < valid; ++l) {
-        const float* row = base + l * rs + col;
+        const float* row = base + lay.at(w, i0 + l) + col;
         for (int c = 0; c < d; ++c) dst[c][l] = row[c];
     }
 }
 
 template <int D>
-inline void store_lanes(float* base, int64_t rs, int64_t col, const vec* src, int d_rt, int valid) {
+inline void store_lanes(float* base, const Layout& lay, int64_t w, int64_t i0, int64_t col, const vec* src,
+                        int d_rt, int valid) {
     const int d = D > 0 ? D : d_rt;
     for (int l = 0; l < valid; ++l) {
-        float* row = base + l * rs + col;
+        float* row = base + lay.at(w, i0 + l) + col;
         for (int c = 0; c < d; ++c) row[c] = src[c][l];
     }
 }
 
 // ---- forward -------------------------------------------------------------------------------------------
 template <int DK, int DV>
-void forward(const Shape& s, const float* q, const float* kv, const int64_t* idx, float* out, float* lse,
-             int threads) {
+void forward(const Shape& s, const float* q, const Layout& ql, const float* kv, const Layout& kvl,
+             const int64_t* idx, float* out, const Layout& ol, float* lse, int threads) {
     const int dk = DK > 0 ? DK : s.dk, dv = DV > 0 ? DV : s.dv;
-    const int64_t keys = s.topk * s.lkv, cq = s.cq();
+    const int64_t cq = s.cq();
     parallel_items(s.n * s.p, threads, [&](int64_t win) {  // win = b * P + p
         const int64_t b = win / s.p;
-        std::vector<vec> logits(keys);
+        std::vector<vec> logits(s.topk * s.lkv);
         vec qv[DK > 0 ? DK : MAX_HEAD_DIM], ov[DV > 0 ? DV : MAX_HEAD_DIM];
-        const float* kv_b = kv + b * s.p * s.lkv * s.kv_rs;
         for (int64_t h = 0; h < s.heads; ++h) {
             for (int64_t i0 = 0; i0 < s.lq; i0 += LANES) {
                 const int valid = static_cast<int>(std::min<int64_t>(LANES, s.lq - i0));
-                load_lanes<DK>(qv, dk, q + (win * s.lq + i0) * s.q_rs, s.q_rs, h * dk, valid);
+                load_lanes<DK>(qv, dk, q, ql, win, i0, h * dk, valid);
                 for (int c = 0; c < dk; ++c) qv[c] *= s.scale * LOG2E;
                 // logits (log2 units) of the LANES queries against every routed key, and their running max
                 vec m = splat(-INFINITY);
                 for (int64_t t = 0; t < s.topk; ++t) {
-                    const float* krow = kv_b + idx[win * s.topk + t] * s.lkv * s.kv_rs + h * dk;
+                    const int64_t kwin = b * s.p + idx[win * s.topk + t];
+                    const float* keys = kv + kvl.win[kwin] + h * dk;
                     vec* lg = logits.data() + t * s.lkv;
-                    for (int64_t j = 0; j < s.lkv; ++j, krow += s.kv_rs) {
+                    for (int64_t j = 0; j < s.lkv; ++j) {
+                        const float* krow = keys + kvl.tok[j];
                         vec acc = qv[0] * krow[0];
                         for (int c = 1; c < dk; ++c) acc += qv[c] * krow[c];
                         lg[j] = acc;
@@ -146,9 +167,11 @@ void forward(const Shape& s, const float* q, const float* kv, const int64_t* idx
                 vec sum = vec{};
                 for (int c = 0; c < dv; ++c) ov[c] = vec{};
                 for (int64_t t = 0; t < s.topk; ++t) {
-                    const float* vrow = kv_b + idx[win * s.topk + t] * s.lkv * s.kv_rs + cq + h * dv;
+                    const int64_t kwin = b * s.p + idx[win * s.topk + t];
+                    const float* values = kv + kvl.win[kwin] + cq + h * dv;
                     const vec* lg = logits.data() + t * s.lkv;
-                    for (int64_t j = 0; j < s.lkv; ++j, vrow += s.kv_rs) {
+                    for (int64_t j = 0; j < s.lkv; ++j) {
+                        const float* vrow = values + kvl.tok[j];
                         vec e = vexp2(lg[j] - m);
                         sum += e;
                         for (int c = 0; c < dv; ++c) ov[c] += e * vrow[c];
@@ -156,7 +179,7 @@ void forward(const Shape& s, const float* q, const float* kv, const int64_t* idx
                 }
                 vec inv = 1.0f / sum;
                 for (int c = 0; c < dv; ++c) ov[c] *= inv;
-                store_lanes<DV>(out + (win * s.lq + i0) * s.o_rs, s.o_rs, h * dv, ov, dv, valid);
+                store_lanes<DV>(out, ol, win, i0, h * dv, ov, dv, valid);
                 float* lse_row = lse + (win * s.heads + h) * s.lq + i0;
                 for (int l = 0; l < valid; ++l) lse_row[l] = m[l] + std::log2(sum[l]);
             }
@@ -166,27 +189,30 @@ void forward(const Shape& s, const float* q, const float* kv, const int64_t* idx
 
 // ---- backward, dq: one query window per item, queries in lanes -----------------------------------------
 template <int DK, int DV>
-void backward_dq(const Shape& s, const float* q, const float* kv, const int64_t* idx, const float* dout,
-                 const float* lse, const float* delta, float* dq, int threads) {
+void backward_dq(const Shape& s, const float* q, const Layout& ql, const float* kv, const Layout& kvl,
+                 const int64_t* idx, const float* dout, const Layout& gl, const float* lse, const float* delta,
+                 float* dq, const Layout& dql, int threads) {
     const int dk = DK > 0 ? DK : s.dk, dv = DV > 0 ? DV : s.dv;
     const int64_t cq = s.cq();
     parallel_items(s.n * s.p, threads, [&](int64_t win) {
         const int64_t b = win / s.p;
         vec qv[DK > 0 ? DK : MAX_HEAD_DIM], dqv[DK > 0 ? DK : MAX_HEAD_DIM], gv[DV > 0 ? DV : MAX_HEAD_DIM];
-        const float* kv_b = kv + b * s.p * s.lkv * s.kv_rs;
         for (int64_t h = 0; h < s.heads; ++h) {
             for (int64_t i0 = 0; i0 < s.lq; i0 += LANES) {
                 const int valid = static_cast<int>(std::min<int64_t>(LANES, s.lq - i0));
-                load_lanes<DK>(qv, dk, q + (win * s.lq + i0) * s.q_rs, s.q_rs, h * dk, valid);
-                load_lanes<DV>(gv, dv, dout + (win * s.lq + i0) * s.o_rs, s.o_rs, h * dv, valid);
+                load_lanes<DK>(qv, dk, q, ql, win, i0, h * dk, valid);
+                load_lanes<DV>(gv, dv, dout, gl, win, i0, h * dv, valid);
                 vec lse_v = vec{}, delta_v = vec{};
                 const int64_t stat = (win * s.heads + h) * s.lq + i0;
                 for (int l = 0; l < valid; ++l) lse_v[l] = lse[stat + l], delta_v[l] = delta[stat + l];
                 for (int c = 0; c < dk; ++c) qv[c] *= s.scale * LOG2E, dqv[c] = vec{};
                 for (int64_t t = 0; t < s.topk; ++t) {
-                    const float* krow = kv_b + idx[win * s.topk + t] * s.lkv * s.kv_rs + h * dk;
-                    const float* vrow = krow - h * dk + cq + h * dv;
-                    for (int64_t j = 0; j < s.lkv; ++j, krow += s.kv_rs, vrow += s.kv_rs) {
+                    const int64_t kwin = b * s.p + idx[win * s.topk + t];
+                    const float* keys = kv + kvl.win[kwin] + h * dk;
+                    const float* values = kv + kvl.win[kwin] + cq + h * dv;
+                    for (int64_t j = 0; j < s.lkv; ++j) {
+                        const float* krow = keys + kvl.tok[j];
+                        const float* vrow = values + kvl.tok[j];
                         vec logit = qv[0] * krow[0];
                         for (int c = 1; c < dk; ++c) logit += qv[c] * krow[c];
                         vec prob = vexp2(logit - lse_v);
@@ -197,7 +223,7 @@ void backward_dq(const Shape& s, const float* q, const float* kv, const int64_t*
                     }
                 }
                 for (int c = 0; c < dk; ++c) dqv[c] *= s.scale;
-                store_lanes<DK>(dq + (win * s.lq + i0) * cq, cq, h * dk, dqv, dk, valid);
+                store_lanes<DK>(dq, dql, win, i0, h * dk, dqv, dk, valid);
             }
         }
     });
@@ -205,13 +231,13 @@ void backward_dq(const Shape& s, const float* q, const float* kv, const int64_t*
 
 // ---- backward, dk and dv: one key window per item, keys in lanes ---------------------------------------
 // inv_start (N, P + 1) and inv_win (N, P * topk): the query windows that routed key window r of image b are
-// inv_win[b, inv_start[b, r] : inv_start[b, r + 1]].
+// inv_win[b, inv_start[b, r] : inv_start[b, r + 1]]. dkv has the channels of kv (keys, then values).
 template <int DK, int DV>
-void backward_dkv(const Shape& s, const float* q, const float* kv, const int64_t* inv_start,
-                  const int64_t* inv_win, const float* dout, const float* lse, const float* delta, float* dkv,
-                  int threads) {
+void backward_dkv(const Shape& s, const float* q, const Layout& ql, const float* kv, const Layout& kvl,
+                  const int64_t* inv_start, const int64_t* inv_win, const float* dout, const Layout& gl,
+                  const float* lse, const float* delta, float* dkv, const Layout& dkvl, int threads) {
     const int dk = DK > 0 ? DK : s.dk, dv = DV > 0 ? DV : s.dv;
-    const int64_t cq = s.cq(), ckv = cq + s.heads * s.dv;
+    const int64_t cq = s.cq();
     parallel_items(s.n * s.p, threads, [&](int64_t kwin) {  // kwin = b * P + r
         const int64_t b = kwin / s.p, r = kwin % s.p;
         vec kv_[DK > 0 ? DK : MAX_HEAD_DIM], vv[DV > 0 ? DV : MAX_HEAD_DIM];
@@ -220,18 +246,19 @@ void backward_dkv(const Shape& s, const float* q, const float* kv, const int64_t
         for (int64_t h = 0; h < s.heads; ++h) {
             for (int64_t j0 = 0; j0 < s.lkv; j0 += LANES) {
                 const int valid = static_cast<int>(std::min<int64_t>(LANES, s.lkv - j0));
-                const float* keys = kv + (kwin * s.lkv + j0) * s.kv_rs;
-                load_lanes<DK>(kv_, dk, keys, s.kv_rs, h * dk, valid);
-                load_lanes<DV>(vv, dv, keys, s.kv_rs, cq + h * dv, valid);
+                load_lanes<DK>(kv_, dk, kv, kvl, kwin, j0, h * dk, valid);
+                load_lanes<DV>(vv, dv, kv, kvl, kwin, j0, cq + h * dv, valid);
                 for (int c = 0; c < dk; ++c) kv_[c] *= s.scale * LOG2E, dkv_[c] = vec{};
                 for (int c = 0; c < dv; ++c) dvv[c] = vec{};
                 for (int64_t u = starts[r]; u < starts[r + 1]; ++u) {
                     const int64_t qwin = b * s.p + inv_win[b * s.p * s.topk + u];
-                    const float* qrow = q + qwin * s.lq * s.q_rs + h * dk;
-                    const float* grow = dout + qwin * s.lq * s.o_rs + h * dv;
+                    const float* queries = q + ql.win[qwin] + h * dk;
+                    const float* grads = dout + gl.win[qwin] + h * dv;
                     const float* lse_row = lse + (qwin * s.heads + h) * s.lq;
                     const float* delta_row = delta + (qwin * s.heads + h) * s.lq;
-                    for (int64_t i = 0; i < s.lq; ++i, qrow += s.q_rs, grow += s.o_rs) {
+                    for (int64_t i = 0; i < s.lq; ++i) {
+                        const float* qrow = queries + ql.tok[i];
+                        const float* grow = grads + gl.tok[i];
                         vec logit = kv_[0] * qrow[0];
                         for (int c = 1; c < dk; ++c) logit += kv_[c] * qrow[c];
                         vec prob = vexp2(logit - lse_row[i]);
@@ -243,9 +270,8 @@ void backward_dkv(const Shape& s, const float* q, const float* kv, const int64_t
                     }
                 }
                 for (int c = 0; c < dk; ++c) dkv_[c] *= s.scale;
-                float* dst = dkv + (kwin * s.lkv + j0) * ckv;
-                store_lanes<DK>(dst, ckv, h * dk, dkv_, dk, valid);
-                store_lanes<DV>(dst, ckv, cq + h * dv, dvv, dv, valid);
+                store_lanes<DK>(dkv, dkvl, kwin, j0, h * dk, dkv_, dk, valid);
+                store_lanes<DV>(dkv, dkvl, kwin, j0, cq + h * dv, dvv, dv, valid);
             }
         }
     });
@@ -264,43 +290,53 @@ int dispatch(int64_t dk, int64_t dv, Run run) {
     return 0;
 }
 
-Shape make_shape(const int64_t* dims, const int64_t* strides, float scale) {
-    return Shape{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7],
-                 strides[0], strides[1], strides[2], scale};
+Shape make_shape(const int64_t* dims, float scale) {
+    return Shape{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], scale};
 }
+
+// layouts: 9 numbers per tensor argument, in argument order
+Layout layout(const Shape& s, const int64_t* layouts, int k) { return Layout(s.n, layouts + 9 * k); }
 
 }  // namespace
 
 extern "C" {
 
-int yoloattn_abi_version() { return 1; }
+int yoloattn_abi_version() { return 3; }
 
-// dims: n, p, lq, lkv, topk, heads, dk, dv.  strides: rows of q, kv, out.  Returns 0, or 1 for unsupported
-// head sizes.
-int yoloattn_routed_forward(const int64_t* dims, const int64_t* strides, float scale, const float* q,
+// dims: n, p, lq, lkv, topk, heads, dk, dv.  layouts: of q, kv, out.  Returns 0, or 1 for
+// unsupported head sizes.
+int yoloattn_routed_forward(const int64_t* dims, const int64_t* layouts, float scale, const float* q,
                             const float* kv, const int64_t* idx, float* out, float* lse, int threads) {
-    const Shape s = make_shape(dims, strides, scale);
-    return dispatch(s.dk, s.dv, [&](auto d) { forward<d.value, d.value>(s, q, kv, idx, out, lse, threads); });
-}
-
-// strides: rows of q, kv, dout. dq is written contiguous (N, P, Lq, Cq).
-int yoloattn_routed_backward_dq(const int64_t* dims, const int64_t* strides, float scale, const float* q,
-                                const float* kv, const int64_t* idx, const float* dout, const float* lse,
-                                const float* delta, float* dq, int threads) {
-    const Shape s = make_shape(dims, strides, scale);
+    const Shape s = make_shape(dims, scale);
+    const Layout ql = layout(s, layouts, 0), kvl = layout(s, layouts, 1), ol = layout(s, layouts, 2);
     return dispatch(s.dk, s.dv, [&](auto d) {
-        backward_dq<d.value, d.value>(s, q, kv, idx, dout, lse, delta, dq, threads);
+        forward<d.value, d.value>(s, q, ql, kv, kvl, idx, out, ol, lse, threads);
     });
 }
 
-// strides: rows of q, kv, dout. dkv is written contiguous (N, P, Lkv, Cq + Cv); inv_*: see backward_dkv.
-int yoloattn_routed_backward_dkv(const int64_t* dims, const int64_t* strides, float scale, const float* q,
-                                 const float* kv, const int64_t* inv_start, const int64_t* inv_win,
-                                 const float* dout, const float* lse, const float* delta, float* dkv,
-                                 int threads) {
-    const Shape s = make_shape(dims, strides, scale);
+// layouts: of q, kv, dout, dq.
+int yoloattn_routed_backward_dq(const int64_t* dims, const int64_t* layouts, float scale, const float* q,
+                                const float* kv, const int64_t* idx, const float* dout, const float* lse,
+                                const float* delta, float* dq, int threads) {
+    const Shape s = make_shape(dims, scale);
+    const Layout ql = layout(s, layouts, 0), kvl = layout(s, layouts, 1), gl = layout(s, layouts, 2);
+    const Layout dql = layout(s, layouts, 3);
     return dispatch(s.dk, s.dv, [&](auto d) {
-        backward_dkv<d.value, d.value>(s, q, kv, inv_start, inv_win, dout, lse, delta, dkv, threads);
+        backward_dq<d.value, d.value>(s, q, ql, kv, kvl, idx, dout, gl, lse, delta, dq, dql, threads);
+    });
+}
+
+// layouts: of q, kv, dout, dkv.  inv_*: see backward_dkv.
+int yoloattn_routed_backward_dkv(const int64_t* dims, const int64_t* layouts, float scale,
+                                 const float* q, const float* kv, const int64_t* inv_start,
+                                 const int64_t* inv_win, const float* dout, const float* lse,
+                                 const float* delta, float* dkv, int threads) {
+    const Shape s = make_shape(dims, scale);
+    const Layout ql = layout(s, layouts, 0), kvl = layout(s, layouts, 1), gl = layout(s, layouts, 2);
+    const Layout dkvl = layout(s, layouts, 3);
+    return dispatch(s.dk, s.dv, [&](auto d) {
+        backward_dkv<d.value, d.value>(s, q, ql, kv, kvl, inv_start, inv_win, dout, gl, lse, delta, dkv, dkvl,
+                                       threads);
     });
 }
 
