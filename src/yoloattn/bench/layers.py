@@ -1,4 +1,8 @@
-"""Layer-level benchmark: reference vs fast path, side by side, each case in its own process.
+"""Layer-level benchmark: reference vs fast path, side by side.
+
+Each case runs in fresh processes: one times the implementations interleaved on the same layer and
+input (so a drifting machine speed cancels out of their ratio), one per implementation measures the
+peak memory.
 
 Rows: BRA and DAT (reference and fast) and, for scale, Ultralytics' 3x3 Conv of the same width.
 
@@ -51,21 +55,26 @@ def _worker(spec: dict) -> dict:
     torch.manual_seed(0)
     shape = tuple(spec["shape"])
     return measure_case(lambda: build_layer(spec["layer"], shape[1]), shape, spec["device"], spec["dtype"],
-                        backend=spec["impl"], what=spec["what"])
+                        backends=tuple(spec["impls"]), what=spec["what"])
+
+
+def _run_worker(spec: dict, memory: bool = False) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    if memory:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed blocks leave the RSS at once
+    proc = subprocess.run([sys.executable, "-m", "yoloattn.bench.layers", "--worker",
+                           json.dumps(dict(spec, what="memory" if memory else "time"))],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"benchmark case {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _isolated(spec: dict) -> dict:
-    """Time one case in a fresh interpreter, then measure its memory in another."""
-    result = {}
-    for what in ("time", "memory"):
-        env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
-        if what == "memory":
-            env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed blocks leave the RSS at once
-        proc = subprocess.run([sys.executable, "-m", "yoloattn.bench.layers", "--worker", json.dumps(dict(spec, what=what))],
-                              capture_output=True, text=True, env=env)
-        if proc.returncode:
-            raise RuntimeError(f"benchmark case {spec} failed:\n{proc.stderr[-3000:]}")
-        result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    """{impl: {fwd_ms, fwdbwd_ms, peak_mib}}: times interleaved in one fresh process, memory one process each."""
+    result = _run_worker(spec)
+    for impl in spec["impls"]:
+        result[impl].update(_run_worker(dict(spec, impls=[impl]), memory=True)[impl])
     return result
 
 
@@ -90,8 +99,9 @@ def run_layer_benchmark(layers=("bra",), maps=("P3", "P4", "P5"), batches=(1, 8)
             c, h, w = YOLOV8N_MAPS[name]
             for n in batches:
                 spec = dict(layer=layer, shape=[n, c, h, w], device=device, dtype=dtype, threads=threads)
-                fast = _isolated(dict(spec, impl=impls[-1]))
-                ref = _isolated(dict(spec, impl=impls[0])) if len(impls) > 1 else None
+                measured = _isolated(dict(spec, impls=list(impls)))
+                fast = measured[impls[-1]]
+                ref = measured[impls[0]] if len(impls) > 1 else None
                 row = dict(spec, ref=ref, fast=fast)
                 cells = ["—"] * 6
                 if ref is not None:

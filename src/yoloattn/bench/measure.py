@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["measure_case", "median_ms"]
+__all__ = ["measure_case", "median_ms", "interleaved_median_ms"]
 
 
 def _rss_kib(field: str) -> int:
@@ -46,6 +46,28 @@ def median_ms(fn: Callable[[], object], device: torch.device, budget_s: float = 
     return statistics.median(times) * 1e3
 
 
+def interleaved_median_ms(fns: dict[str, Callable[[], object]], device: torch.device, budget_s: float = 4.0,
+                          min_reps: int = 5, max_reps: int = 30) -> dict[str, float]:
+    """Median wall time of each function in milliseconds, calling them in turn (a, b, a, b, ...).
+
+    Interleaving makes their ratio robust to the machine's speed drifting during the run (a shared
+    virtual machine can change by 30% within seconds); each gets one warm-up call first.
+    """
+    for fn in fns.values():
+        fn()
+        _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    while len(times[next(iter(fns))]) < min_reps or (
+            len(times[next(iter(fns))]) < max_reps and time.perf_counter() - start < budget_s):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def peak_memory_mib(step: Callable[[], object], device: torch.device) -> float:
     """Memory that one call of ``step`` adds at its peak, in MiB (after one warm-up call)."""
     step()
@@ -64,16 +86,17 @@ def peak_memory_mib(step: Callable[[], object], device: torch.device) -> float:
 
 
 def measure_case(build: Callable[[], torch.nn.Module], shape: tuple[int, ...], device: str = "cpu",
-                 dtype: str = "float32", backend: str | None = None, what: str = "time") -> dict:
-    """Forward and forward+backward median times, or the peak memory of forward+backward.
+                 dtype: str = "float32", backends: tuple[str, ...] = ("auto",), what: str = "time") -> dict:
+    """Forward and forward+backward median times of each backend, or the peak memory of forward+backward.
 
     Args:
         build: returns the layer (built on the CPU in fp32; moved here).
         shape: input shape (N, C, H, W).
         device: ``'cpu'`` or a CUDA device.
         dtype: ``'float32'``, or ``'bfloat16'``/``'float16'`` for autocast.
-        backend: yoloattn backend to use, or None for the process default.
-        what: ``'time'`` (``fwd_ms``, ``fwdbwd_ms``) or ``'memory'`` (``peak_mib``).
+        backends: yoloattn backends to compare on the same layer and input; times are interleaved.
+        what: ``'time'`` ({backend: {``fwd_ms``, ``fwdbwd_ms``}}) or ``'memory'`` ({backend: {``peak_mib``}},
+            one backend: run each in a fresh process, so that one's peak does not hide the other's).
     """
     from ..nn.backend import use_backend
 
@@ -83,19 +106,21 @@ def measure_case(build: Callable[[], torch.nn.Module], shape: tuple[int, ...], d
     amp = dtype != "float32"
     amp_dtype = getattr(torch, dtype)
 
-    def forward():
-        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
+    def forward(backend):
+        with use_backend(backend), torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
             out = layer(x)
         return out[0] if isinstance(out, tuple) else out
 
-    def forward_backward():
+    def forward_backward(backend):
         layer.zero_grad(set_to_none=True)
         x.grad = None
-        forward().float().sum().backward()
+        forward(backend).float().sum().backward()
 
-    with use_backend(backend or "auto"):
-        if what == "memory":
-            return {"peak_mib": peak_memory_mib(forward_backward, dev)}
-        with torch.no_grad():
-            fwd = median_ms(forward, dev)
-        return {"fwd_ms": fwd, "fwdbwd_ms": median_ms(forward_backward, dev)}
+    if what == "memory":
+        if len(backends) != 1:
+            raise ValueError(f"measure the memory of one backend per process, got {backends}")
+        return {backends[0]: {"peak_mib": peak_memory_mib(lambda: forward_backward(backends[0]), dev)}}
+    with torch.no_grad():
+        fwd = interleaved_median_ms({b: (lambda b=b: forward(b)) for b in backends}, dev)
+    fwdbwd = interleaved_median_ms({b: (lambda b=b: forward_backward(b)) for b in backends}, dev)
+    return {b: {"fwd_ms": fwd[b], "fwdbwd_ms": fwdbwd[b]} for b in backends}

@@ -64,10 +64,14 @@ def _compile(out: Path, march: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # same filesystem: the rename is atomic
         tmp_out = Path(tmp) / out.name
-        proc = subprocess.run([compiler, *_FLAGS, f"-march={march}", str(_SOURCE), "-o", str(tmp_out)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp_out, out)
+        # OpenMP shares PyTorch's thread pool; without it (e.g. clang with no libomp) std::thread is used
+        for extra in (["-fopenmp"], []):
+            command = [compiler, *_FLAGS, f"-march={march}", *extra, str(_SOURCE), "-o", str(tmp_out)]
+            proc = subprocess.run(command, capture_output=True, text=True)
+            if proc.returncode == 0:
+                os.replace(tmp_out, out)
+                return
+        raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
 
 
 def _library() -> ctypes.CDLL | str:

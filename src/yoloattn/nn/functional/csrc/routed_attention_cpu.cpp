@@ -97,18 +97,25 @@ struct Shape {
     int64_t cq() const { return heads * dk; }
 };
 
-// Runs body(item) for item in [0, count) on `threads` threads, handing items out one by one.
+// Runs body(item) for item in [0, count) on `threads` threads, handing items out one by one. With OpenMP
+// this is the OpenMP runtime PyTorch already loaded (same libgomp.so.1), so PyTorch's idle worker threads
+// take the items instead of new threads competing with them for the cores.
 template <class Body>
 void parallel_items(int64_t count, int threads, Body body) {
+    threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, count)));
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t item = 0; item < count; ++item) body(item);
+#else
     std::atomic<int64_t> next{0};
     auto worker = [&]() {
         for (int64_t item = next.fetch_add(1); item < count; item = next.fetch_add(1)) body(item);
     };
-    threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, count)));
     std::vector<std::thread> pool;
     for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
     worker();
     for (auto& th : pool) th.join();
+#endif
 }
 
 // Loads channels [col, col + d) of tokens i0 .. i0 + valid - 1 of window w as d vectors (lane = token);
