@@ -1,17 +1,19 @@
 """The CPU kernel of routed attention: a vectorised C++ forward and backward, called through ctypes.
 
-PyTorch's fused CPU attention is built for long sequences and large heads; BRA at YOLO's P3 is
-hundreds of tiny (144 × 576, head size 8) problems, where that kernel spends most of its time
-outside the arithmetic. ``csrc/routed_attention_cpu.cpp`` computes them directly: queries (or
-keys, in the dk/dv pass) sit in the lanes of one vector and the other operand is broadcast,
-the softmax is computed from a log-sum-exp saved by the forward (nothing of size
-``Lq × topk·Lkv`` is stored), and keys and values are read in place through the routing
-indices, so there is no gathered K/V copy either.
+BRA at YOLOv8n's P3 is 392 small attention problems (144 queries × 576 keys, head size 8), a
+shape PyTorch's fused CPU attention is not built for. ``csrc/routed_attention_cpu.cpp``
+computes them directly: queries (or keys, in the dk/dv pass) sit in the lanes of one vector and
+the other operand is broadcast, so every multiply-add is a full-width FMA; the exponentials are
+vectorised exp2; the backward recomputes the probabilities from a log-sum-exp saved by the
+forward (nothing of size ``Lq × topk·Lkv`` is stored); and queries, keys and values are read in
+place, through the routing indices, from the projected image. At P3 it takes less than half the
+time of ``index_select`` + ``scaled_dot_product_attention`` forward and backward.
 
 The source is compiled once per machine with the system C++ compiler (``$CXX`` or ``c++``,
-``-O3 -march=native``, a few seconds) into ``$YOLOATTN_CACHE/kernels`` and loaded with ctypes.
-If that is impossible (no compiler, an unsupported platform) or ``YOLOATTN_CPU_KERNEL=0``,
-:func:`unavailable_reason` says why and routed attention runs its portable fast path.
+``-O3 -march=native -fopenmp``, about 5 s) into ``$YOLOATTN_CACHE/kernels`` and loaded with
+ctypes; its OpenMP runtime is the one PyTorch loaded, so it runs on PyTorch's threads. If the
+build is impossible (no compiler, Windows) or ``YOLOATTN_CPU_KERNEL=0``, :func:`unavailable_reason`
+says why and routed attention runs the portable fast path.
 """
 
 from __future__ import annotations
