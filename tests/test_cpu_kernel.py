@@ -155,6 +155,21 @@ def test_traced_layer_does_not_call_the_kernel(monkeypatch):
         torch.testing.assert_close(traced(x), layer(x), atol=1e-5, rtol=1e-4)
 
 
+def test_flop_counters_see_the_attention(monkeypatch):
+    """Under an op-watching mode (FlopCounterMode; thop's function mode) the visible SDPA path runs, so the
+    attention's FLOPs are counted: 2 products of 2·Lq·topk·Lkv·head size per head and window."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setattr(cpu_kernel, "routed_attention_cpu", lambda *a, **k: pytest.fail("kernel called"))
+    n, p, lq, lkv, topk, heads, qk_dim, v_dim = CASES[0]
+    q, kv, r_idx = _inputs(*CASES[0])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        routed_attention(q, kv, r_idx, num_heads=heads, qk_dim=qk_dim, scale=0.125)
+    assert counter.get_total_flops() == 2 * (2 * n * p * lq * topk * lkv * qk_dim)
+    with torch.device("cpu"):  # a DeviceContext mode only sets defaults: the kernel still runs
+        assert cpu_kernel.decline_reason(q, kv, None, heads, qk_dim) is None
+
+
 def test_bad_routing_indices_raise():
     q, kv, r_idx = _inputs(*CASES[1])
     with pytest.raises(ValueError, match=r"r_idx must hold window indices in \[0, 9\), got values in \[9, 9\]"):

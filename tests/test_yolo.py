@@ -212,6 +212,8 @@ def test_model_info_gflops_true_at_imgsz():
     # the BRA layer's own share, where a 32x32 probe scaled by (640/32)² would be off by up to 8x
     added = reported - get_flops(base_model, 640)
     assert added == pytest.approx(counted(bra_model, 640) - counted(base_model, 640), rel=0.02)
+    # and it holds the attention itself: QK^T and PV over 4 routed 12x12 windows for each of 49 windows, 64 channels
+    assert added > 2 * 2 * 49 * 144 * (4 * 144) * 64 / 1e9
     assert get_flops(bra_model, 256) == pytest.approx(counted(bra_model, 256), rel=0.02)
 
 

@@ -122,6 +122,19 @@ def disabled() -> Iterator[None]:
         _enabled = previous
 
 
+def _active_mode() -> str | None:
+    """The name of an active torch function/dispatch mode that watches ops (FLOP counters such as thop's
+    and FlopCounterMode, fake tensors), or None. Such modes cannot see inside the ctypes kernel."""
+    try:
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    except ImportError:  # private helpers; without them, assume no mode
+        return None
+    modes = [m for m in (*_get_current_function_mode_stack(), *_get_current_dispatch_mode_stack())
+             if type(m).__name__ != "DeviceContext"]  # `with torch.device(...)` only sets defaults
+    return type(modes[-1]).__name__ if modes else None
+
+
 def decline_reason(q: Tensor, kv: Tensor, r_weight: Tensor | None, num_heads: int, qk_dim: int) -> str | None:
     """Why :func:`routed_attention_cpu` cannot run this call, or None if it can."""
     if not _enabled:
@@ -136,6 +149,9 @@ def decline_reason(q: Tensor, kv: Tensor, r_weight: Tensor | None, num_heads: in
         return "traced or exported graphs cannot call the ctypes kernel"
     if torch.compiler.is_compiling():
         return "torch.compile cannot trace the ctypes kernel"
+    mode = _active_mode()
+    if mode is not None:
+        return f"{mode} is active and could not see the ops inside the ctypes kernel (e.g. to count FLOPs)"
     if max(qk_dim, kv.shape[-1] - qk_dim) // num_heads > _MAX_HEAD_DIM:
         return f"the CPU kernel supports head sizes up to {_MAX_HEAD_DIM}"
     return unavailable_reason()
