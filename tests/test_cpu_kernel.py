@@ -65,13 +65,17 @@ def test_kernel_without_avx512_matches_reference(march, monkeypatch):
     if isinstance(lib, str):
         pytest.skip(lib)
     monkeypatch.setattr(cpu_kernel, "_library", lambda: lib)
-    for case in (CASES[0], CASES[2], CASES[5]):
+    # magnitude 12: logits past the one-pass bound, so the max-subtracting path with its clamped exp2
+    for case, magnitude in ((CASES[0], 1.0), (CASES[2], 1.0), (CASES[5], 1.0), (CASES[5], 12.0)):
         q, kv, r_idx = _inputs(*case)
+        with torch.no_grad():
+            q *= magnitude
+            kv[..., :case[6]] *= magnitude
         kw = dict(num_heads=case[5], qk_dim=case[6], scale=case[6] ** -0.5)
         kernel = _out_and_grads(lambda q, kv: cpu_kernel.routed_attention_cpu(q, kv, r_idx, **kw), q, kv)
-        ref = _out_and_grads(lambda q, kv: routed_attention_reference(q, kv, r_idx, **kw)[0], q, kv)
+        ref = _out_and_grads(lambda q, kv: routed_attention_reference(q.double(), kv.double(), r_idx, **kw)[0], q, kv)
         for a, b in zip(kernel, ref):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a, b.float(), atol=1e-5 * magnitude**2, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", CASES[1:4], ids=lambda c: "-".join(map(str, c)))
@@ -224,3 +228,86 @@ def test_image_tiles_read_in_place(pooled_kv):
     for name in ("sdpa", "reference"):
         for a, b in zip(results["kernel"], results[name]):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 12.0, 40.0])
+def test_large_logits_take_the_max_subtracting_path(magnitude):
+    """Logits past the one-pass bound (|q|·max|k| in log2 units > 64) switch a block to the two-pass softmax
+    with its max subtracted; tiny exponentials are flushed to zero, not left subnormal. Both agree with the
+    reference, also when some blocks of a window take one path and some the other."""
+    n, p, lq, lkv, topk, heads, qk_dim, v_dim = 2, 9, 40, 24, 3, 2, 16, 16
+    q, kv, r_idx = _inputs(n, p, lq, lkv, topk, heads, qk_dim, v_dim, strided=False, seed=3)
+    with torch.no_grad():
+        q[:, :, :lq // 2] *= magnitude  # the first half of every window's queries gets large logits
+        kv[..., :qk_dim] *= magnitude
+    kw = dict(num_heads=heads, qk_dim=qk_dim, scale=qk_dim**-0.5)
+    bound = (q.detach().view(n, p, lq, heads, -1).norm(dim=-1).amax() * kw["scale"] * 1.4427
+             * kv.detach()[..., :qk_dim].reshape(n, p, lkv, heads, -1).norm(dim=-1).amax())
+    assert (bound > 64) == (magnitude > 1)  # the grid covers both paths
+    kernel = _out_and_grads(lambda q, kv: cpu_kernel.routed_attention_cpu(q, kv, r_idx, **kw), q, kv)
+    ref = _out_and_grads(lambda q, kv: routed_attention_reference(q.double(), kv.double(), r_idx, **kw)[0], q, kv)
+    for a, b in zip(kernel, ref):
+        torch.testing.assert_close(a, b.float(), atol=1e-5 * magnitude**2, rtol=1e-5)
+
+
+def _padded_tiles(n, height, width, n_win, heads, qk_dim, v_dim, seed=0):
+    """q/kv tiles of a projected (N, H', W', C) image padded up to multiples of n_win, like BRA's."""
+    g = torch.Generator().manual_seed(seed)
+    ph, pw = -(-height // n_win) * n_win, -(-width // n_win) * n_win
+    img = torch.randn(n, ph, pw, 2 * qk_dim + v_dim, generator=g)
+    q_img, kv_img = img.split([qk_dim, qk_dim + v_dim], dim=-1)
+    tile = lambda t: t.view(n, n_win, ph // n_win, n_win, pw // n_win, t.shape[-1]).transpose(2, 3)
+    p = n_win * n_win
+    r_idx = torch.stack([torch.randperm(p, generator=g)[:min(4, p)] for _ in range(n * p)]).view(n, p, -1)
+    return tile(q_img).detach().requires_grad_(), tile(kv_img).detach().requires_grad_(), r_idx
+
+
+# (n, H, W, n_win): padded on both sides, on one side, not at all, and padding that fills whole windows
+VALID_CASES = [(1, 80, 80, 7), (2, 13, 9, 3), (1, 12, 15, 4), (2, 8, 8, 4), (1, 5, 3, 7)]
+
+
+@pytest.mark.parametrize("case", VALID_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_valid_hw_returns_the_cropped_image_on_every_path(case):
+    n, height, width, n_win = case
+    heads, qk_dim, v_dim = 2, 16, 16
+    q, kv, r_idx = _padded_tiles(n, height, width, n_win, heads, qk_dim, v_dim)
+    kw = dict(num_heads=heads, qk_dim=qk_dim, scale=qk_dim**-0.5)
+    full = routed_attention(q.detach(), kv.detach(), r_idx, backend="reference", **kw)
+    expected = full.transpose(2, 3).reshape(n, q.shape[1] * q.shape[3], q.shape[2] * q.shape[4], v_dim)
+    expected = expected[:, :height, :width]
+    results = {}
+    for name, ctx, backend in (("kernel", contextlib.nullcontext(), None), ("sdpa", cpu_kernel.disabled(), None),
+                               ("reference", contextlib.nullcontext(), "reference")):
+        with ctx:
+            results[name] = _out_and_grads(
+                lambda q, kv: routed_attention(q, kv, r_idx, valid_hw=(height, width), backend=backend, **kw), q, kv)
+    assert results["kernel"][0].shape == (n, height, width, v_dim)
+    torch.testing.assert_close(results["kernel"][0], expected, atol=1e-5, rtol=1e-5)
+    for name in ("sdpa", "reference"):
+        for a, b in zip(results["kernel"], results[name]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # the padded queries pass no gradient
+    dq = results["kernel"][1].transpose(2, 3).reshape(n, q.shape[1] * q.shape[3], q.shape[2] * q.shape[4], qk_dim)
+    assert torch.count_nonzero(dq[:, height:]) == 0 and torch.count_nonzero(dq[:, :, width:]) == 0
+
+
+def test_inference_call_matches_autograd_call():
+    """Without autograd the kernel keeps no log-sum-exp (a separate entry); the outputs are the same."""
+    q, kv, r_idx = _padded_tiles(2, 13, 9, 3, 2, 16, 16)
+    kw = dict(num_heads=2, qk_dim=16, scale=0.25)
+    for valid_hw in (None, (13, 9)):
+        with_grad = cpu_kernel.routed_attention_cpu(q, kv, r_idx, valid_hw=valid_hw, **kw)
+        with torch.no_grad():
+            without = cpu_kernel.routed_attention_cpu(q, kv, r_idx, valid_hw=valid_hw, **kw)
+        assert with_grad.grad_fn is not None and without.grad_fn is None
+        torch.testing.assert_close(with_grad.detach(), without, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("valid_hw", [(0, 4), (3,), (2.0, 3), "80x80", (True, 2)])
+def test_bad_valid_hw_raises(valid_hw):
+    q, kv, r_idx = _padded_tiles(1, 6, 6, 2, 2, 8, 8)
+    with pytest.raises(ValueError, match="valid_hw"):
+        routed_attention(q, kv, r_idx, num_heads=2, qk_dim=8, scale=0.3, valid_hw=valid_hw)
+    q4 = q.detach().reshape(1, 4, 9, 8)
+    with pytest.raises(ValueError, match="valid_hw needs q as"):
+        routed_attention(q4, kv.detach().reshape(1, 4, 9, 16), r_idx, num_heads=2, qk_dim=8, scale=0.3, valid_hw=(3, 3))

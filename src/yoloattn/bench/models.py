@@ -1,8 +1,10 @@
 """Model-level benchmark: latency, params and GFLOPs of whole YOLO models side by side.
 
 ``python benchmarks/yolo.py`` (or ``yoloattn bench``): YOLOv8n with and without the attention layers at
-imgsz 640, batch 1, fused, on the CPU with 2 threads unless told otherwise. Latency is the median of
-interleaved rounds, so a drift of the machine's speed hits every model alike.
+imgsz 640, batch 1, fused, on the CPU with 2 threads unless told otherwise. Every round times each model
+back to back; latency is the median over all rounds, and the ratio to the first model is the median of
+the per-round ratios, so a drift of the machine's speed (a shared VM changes by 30% within seconds)
+cancels out of it.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ def _build(name: str, device: torch.device):
 
 
 def run_model_benchmark(models=DEFAULT_MODELS, imgsz: int = 640, device: str = "cpu", threads: int = 2,
-                        rounds: int = 7, reps: int = 3, printer=print) -> list[dict]:
+                        rounds: int = 15, reps: int = 3, printer=print) -> list[dict]:
     """Measure each model's batch-1 latency, params and GFLOPs at ``imgsz``; print a table with ratios.
 
     Returns:
-        one dict per model: ``model``, ``latency_ms``, ``params``, ``gflops``, ``ratio`` (latency / first model's).
+        one dict per model: ``model``, ``latency_ms``, ``params``, ``gflops``, ``ratio`` (median per-round
+        latency / first model's).
     """
     from ultralytics.utils.torch_utils import get_flops
 
@@ -39,7 +42,7 @@ def run_model_benchmark(models=DEFAULT_MODELS, imgsz: int = 640, device: str = "
     dev = torch.device(device)
     nets = {name: _build(name, dev) for name in models}
     x = torch.zeros(1, 3, imgsz, imgsz, device=dev)
-    samples = {name: [] for name in models}
+    samples = {name: [] for name in models}  # rounds × reps, in order
     with torch.no_grad():
         for net in nets.values():  # warm-up
             net(x)
@@ -53,16 +56,21 @@ def run_model_benchmark(models=DEFAULT_MODELS, imgsz: int = 640, device: str = "
                     if dev.type == "cuda":
                         torch.cuda.synchronize(dev)
                     samples[name].append((time.perf_counter() - t0) * 1e3)
+
+    def per_round(name: str) -> list[float]:
+        return [statistics.median(samples[name][r * reps:(r + 1) * reps]) for r in range(rounds)]
+
+    base = per_round(models[0])
     rows = []
     for name, net in nets.items():
+        ratios = [t / b for t, b in zip(per_round(name), base)]
         rows.append({"model": name, "latency_ms": statistics.median(samples[name]),
-                     "params": sum(p.numel() for p in net.parameters()), "gflops": get_flops(net, imgsz)})
-    base = rows[0]["latency_ms"]
+                     "params": sum(p.numel() for p in net.parameters()), "gflops": get_flops(net, imgsz),
+                     "ratio": statistics.median(ratios)})
     printer(f"imgsz={imgsz} batch=1 device={device} threads={threads} torch={torch.__version__} (fused, eval)")
-    printer("| model | params (M) | GFLOPs | latency ms | latency / first |")
+    printer("| model | params (M) | GFLOPs | latency ms | latency / first (per-round median) |")
     printer("|---|---|---|---|---|")
     for row in rows:
-        row["ratio"] = row["latency_ms"] / base
         printer(f"| {row['model']} | {row['params'] / 1e6:.3f} | {row['gflops']:.2f} | {row['latency_ms']:.1f} | "
                 f"{row['ratio']:.3f} |")
     return rows
@@ -74,7 +82,7 @@ def main(argv=None) -> int:
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args(argv)
     from ..yolo.register import register
 

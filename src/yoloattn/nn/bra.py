@@ -268,22 +268,30 @@ class BiLevelRoutingAttention(nn.Module):
         q_img, kv_img = self.qkv(x)  # (N, H, W, Cqk), (N, H, W, Cqk + C)
         # split, not slicing: the backward of a slice writes a zero tensor of the full size
         k_img, v_img = kv_img.split([self.qk_dim, self.dim], dim=-1)
-        # LePE on the values, in the padded image layout like BiFormer.
-        lepe = self.lepe(v_img.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) if self.lepe is not None else None
+        # LePE on the values, in the padded image layout like BiFormer; a channels-last copy, so the conv runs
+        # and returns channels-last (NHWC) and adding it below is a dense add
+        lepe = None
+        if self.lepe is not None:
+            lepe = self.lepe(v_img.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
+            lepe = lepe.permute(0, 2, 3, 1)[:, :h_in, :w_in]  # (N, H_in, W_in, C)
         q_win, k_win = _tiles(q_img, n_win), _tiles(k_img, n_win)  # (N, n_win, n_win, h, w, C)
         r_weight, r_idx = self.router(_tile_means(q_win), _tile_means(k_win))  # window means (N, P, Cqk)
 
+        # Only the queries of the unpadded image are wanted: the CPU kernel skips the padded ones and writes the
+        # cropped image. A traced graph keeps them and crops below, as its sizes must follow the input.
+        padded = q_img.shape[1] != h_in or q_img.shape[2] != w_in
+        crop_here = _tracing() or not padded
         result = routed_attention(
             q_win, self._pool_kv(_tiles(kv_img, n_win)), r_idx, r_weight if self.soft_routing else None,
             num_heads=self.num_heads, qk_dim=self.qk_dim, scale=self.scale, return_attn=ret_attn_mask,
-            backend=self.backend)
+            valid_hw=None if crop_here else (h_in, w_in), backend=self.backend)
         out, attn = result if ret_attn_mask else (result, None)
-        out = _untile(out)  # (N, H, W, C)
+        if crop_here:
+            out = _untile(out)[:, :h_in, :w_in]  # (N, H_in, W_in, C)
         if lepe is not None:
-            out = out + lepe
-        out = self.wo(out)
-        if out.shape[1] != h_in or out.shape[2] != w_in or _tracing():
-            out = out[:, :h_in, :w_in, :].contiguous()
+            # in place where nothing needs the attention output for a backward (and no graph is recorded)
+            out = out.add_(lepe) if not (torch.is_grad_enabled() or _tracing()) else out + lepe
+        out = self.wo(out)  # (N, H_in, W_in, C)
         if ret_attn_mask:
             return out, r_weight, r_idx, attn
         return out

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..._cache import cache_dir
@@ -39,7 +40,7 @@ from ..._cache import cache_dir
 __all__ = ["routed_attention_cpu", "unavailable_reason", "decline_reason", "disabled"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "routed_attention_cpu.cpp"
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 _MAX_HEAD_DIM = 128  # MAX_HEAD_DIM in the C++ source
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
 
@@ -173,6 +174,13 @@ def _layout(t: Tensor) -> list[int]:
     return [*t.shape[1:5], *st[:5]]
 
 
+def _grid(t: Tensor) -> tuple[int, int]:
+    """Rows and columns of the token grid the query region is cut from (see ``_layout``)."""
+    if t.dim() == 4:
+        return 1, t.shape[1] * t.shape[2]
+    return t.shape[1] * t.shape[3], t.shape[2] * t.shape[4]
+
+
 def _dense(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -185,10 +193,6 @@ def _new_like_windows(t: Tensor, channels: int) -> Tensor:
     return t.new_empty(n, py, h, px, w, channels).transpose(2, 3)  # (N, Py, Px, h, w, C) tiles of (N, H, W, C)
 
 
-def _layouts(*tensors: Tensor) -> ctypes.Array:
-    return _dims(*(v for t in tensors for v in _layout(t)))
-
-
 def _ptr(t: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
@@ -197,27 +201,51 @@ def _dims(*values: int) -> ctypes.Array:
     return (ctypes.c_int64 * len(values))(*values)
 
 
+def _cropped_layout(t: Tensor, tiles: Tensor) -> list[int]:
+    """Layout of an (N, H, W, C) image ``t`` cut like ``tiles`` (N, Py, Px, h, w, ·), which may cover more
+    than H×W: tokens past the image are never read or written."""
+    _, py, px, h, w, _ = tiles.shape
+    st = t.stride()
+    return [py, px, h, w, st[0], h * st[1], w * st[2], st[1], st[2]]
+
+
+def _forward(q: Tensor, kv: Tensor, r_idx: Tensor, num_heads: int, qk_dim: int, scale: float,
+             valid_hw: tuple[int, int] | None, with_lse: bool) -> tuple[Tensor, Tensor | None, Tensor, ctypes.Array]:
+    """Runs the forward kernel: (out, lse or None, int64 r_idx, dims). With ``valid_hw``, out is the
+    (N, H, W, Cv) image of the wanted queries; else in q's form."""
+    lib = _library()
+    n, lq, lkv, c_v = q.shape[0], _token_count(q), _token_count(kv), kv.shape[-1] - qk_dim
+    p = r_idx.shape[1]
+    idx = r_idx.to(torch.int64).contiguous()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p):  # the kernel reads through them unchecked
+        raise ValueError(f"r_idx must hold window indices in [0, {p}), got values in "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+    rows, cols = _grid(q)
+    if valid_hw is None:
+        out = _new_like_windows(q, c_v)
+        out_layout = _layout(out)
+    else:
+        rows, cols = min(rows, valid_hw[0]), min(cols, valid_hw[1])
+        out = q.new_empty(n, rows, cols, c_v)
+        out_layout = _cropped_layout(out, q)
+    lse = q.new_empty(n, p, num_heads, lq) if with_lse else None
+    dims = _dims(n, p, lq, lkv, idx.shape[-1], num_heads, qk_dim // num_heads, c_v // num_heads, rows, cols,
+                 int(valid_hw is None))
+    status = lib.yoloattn_routed_forward(dims, _dims(*_layout(q), *_layout(kv), *out_layout), scale, _ptr(q),
+                                         _ptr(kv), _ptr(idx), _ptr(out), None if lse is None else _ptr(lse),
+                                         torch.get_num_threads())
+    if status:
+        raise RuntimeError(f"routed attention CPU kernel rejected head sizes {tuple(dims)[6:8]}")
+    return out, lse, idx, dims
+
+
 class _RoutedAttentionCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, kv: Tensor, r_idx: Tensor, num_heads: int, qk_dim: int, scale: float) -> Tensor:
-        lib = _library()
-        q, kv = _dense(q), _dense(kv)
-        n, lq, lkv, c_v = q.shape[0], _token_count(q), _token_count(kv), kv.shape[-1] - qk_dim
-        p = r_idx.shape[1]
-        idx = r_idx.to(torch.int64).contiguous()
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p):  # the kernel reads through them unchecked
-            raise ValueError(f"r_idx must hold window indices in [0, {p}), got values in "
-                             f"[{int(idx.min())}, {int(idx.max())}]")
-        out = _new_like_windows(q, c_v)
-        lse = q.new_empty(n, p, num_heads, lq)
-        dims = _dims(n, p, lq, lkv, idx.shape[-1], num_heads, qk_dim // num_heads, c_v // num_heads)
-        layouts = _layouts(q, kv, out)
-        status = lib.yoloattn_routed_forward(dims, layouts, scale, _ptr(q), _ptr(kv), _ptr(idx), _ptr(out),
-                                             _ptr(lse), torch.get_num_threads())
-        if status:
-            raise RuntimeError(f"routed attention CPU kernel rejected head sizes {tuple(dims)[6:]}")
+    def forward(ctx, q: Tensor, kv: Tensor, r_idx: Tensor, num_heads: int, qk_dim: int, scale: float,
+                valid_hw: tuple[int, int] | None) -> Tensor:
+        out, lse, idx, dims = _forward(q, kv, r_idx, num_heads, qk_dim, scale, valid_hw, with_lse=True)
         ctx.save_for_backward(q, kv, idx, out, lse)
-        ctx.dims, ctx.scale = dims, scale
+        ctx.dims, ctx.scale, ctx.valid_hw = dims, scale, valid_hw
         return out
 
     @staticmethod
@@ -225,15 +253,24 @@ class _RoutedAttentionCPU(torch.autograd.Function):
         q, kv, idx, out, lse = ctx.saved_tensors
         dims, scale = ctx.dims, ctx.scale
         lib = _library()
-        n, p, lq, _, topk, heads, _, dv = tuple(dims)
+        n, p, lq, _, topk, heads, _, dv, _, _, _ = tuple(dims)
         dout = _dense(dout)
+        cropped = ctx.valid_hw is not None
         # delta = rowsum(dout * out) per head: the softmax backward's correction term, (N, P, heads, Lq)
-        delta = (dout * out).reshape(n, p, lq, heads, dv).sum(-1).transpose(2, 3).contiguous()
+        if cropped:  # (N, H, W, heads) of the image, zero-padded to q's grid and cut into its windows
+            _, py, px, h, w, _ = q.shape
+            delta = (dout * out).reshape(*out.shape[:3], heads, dv).sum(-1)
+            delta = F.pad(delta, (0, 0, 0, px * w - out.shape[2], 0, py * h - out.shape[1]))
+            delta = delta.view(n, py, h, px, w, heads).permute(0, 1, 3, 5, 2, 4).reshape(n, p, heads, lq)
+            dout_layout = _cropped_layout(dout, q)
+        else:
+            delta = (dout * out).reshape(n, p, lq, heads, dv).sum(-1).transpose(2, 3).contiguous()
+            dout_layout = _layout(dout)
         threads = torch.get_num_threads()
         dq = dkv = None
         if ctx.needs_input_grad[0]:
             dq = _new_like_windows(q, q.shape[-1])
-            layouts = _layouts(q, kv, dout, dq)
+            layouts = _dims(*_layout(q), *_layout(kv), *dout_layout, *_layout(dq))
             lib.yoloattn_routed_backward_dq(dims, layouts, scale, _ptr(q), _ptr(kv), _ptr(idx), _ptr(dout),
                                             _ptr(lse), _ptr(delta), _ptr(dq), threads)
         if ctx.needs_input_grad[1]:
@@ -243,16 +280,22 @@ class _RoutedAttentionCPU(torch.autograd.Function):
             inv_start = torch.zeros(n, p + 1, dtype=torch.int64)
             inv_start[:, 1:] = torch.zeros(n, p, dtype=torch.int64).scatter_add_(1, flat, torch.ones_like(flat)).cumsum(1)
             dkv = _new_like_windows(kv, kv.shape[-1])
-            layouts = _layouts(q, kv, dout, dkv)
+            layouts = _dims(*_layout(q), *_layout(kv), *dout_layout, *_layout(dkv))
             lib.yoloattn_routed_backward_dkv(dims, layouts, scale, _ptr(q), _ptr(kv), _ptr(inv_start), _ptr(inv_win),
                                              _ptr(dout), _ptr(lse), _ptr(delta), _ptr(dkv), threads)
-        return dq, dkv, None, None, None, None
+        return dq, dkv, None, None, None, None, None
 
 
-def routed_attention_cpu(q: Tensor, kv: Tensor, r_idx: Tensor, *, num_heads: int, qk_dim: int, scale: float) -> Tensor:
+def routed_attention_cpu(q: Tensor, kv: Tensor, r_idx: Tensor, *, num_heads: int, qk_dim: int, scale: float,
+                         valid_hw: tuple[int, int] | None = None) -> Tensor:
     """Routed attention with the compiled CPU kernel (fp32, hard routing).
 
     Same arguments and result as :func:`yoloattn.nn.functional.routed_attention` without ``r_weight``
-    (windows or image tiles, read in place); check :func:`decline_reason` first.
+    (windows or image tiles, read in place); check :func:`decline_reason` first. Queries outside
+    ``valid_hw`` are skipped, not computed and cropped.
     """
-    return _RoutedAttentionCPU.apply(q, kv, r_idx, num_heads, qk_dim, scale)
+    q, kv = _dense(q), _dense(kv)
+    if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
+        return _RoutedAttentionCPU.apply(q, kv, r_idx, num_heads, qk_dim, scale, valid_hw)
+    # inference: no log-sum-exp to keep for a backward
+    return _forward(q, kv, r_idx, num_heads, qk_dim, scale, valid_hw, with_lse=False)[0]

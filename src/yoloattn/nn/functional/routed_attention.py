@@ -54,6 +54,24 @@ def _check(q: Tensor, kv: Tensor, r_idx: Tensor, r_weight: Tensor | None, num_he
         raise ValueError(f"r_weight must have the shape of r_idx {tuple(r_idx.shape)}, got {tuple(r_weight.shape)}")
 
 
+def _check_valid_hw(q: Tensor, valid_hw) -> None:
+    if valid_hw is None:
+        return
+    if q.dim() != 6:
+        raise ValueError(f"valid_hw needs q as (N, Py, Px, h, w, C) image tiles, got shape {tuple(q.shape)}")
+    if (not isinstance(valid_hw, (tuple, list)) or len(valid_hw) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in valid_hw)):
+        raise ValueError(f"valid_hw must be a pair of positive integers (H, W), got {valid_hw!r}")
+
+
+def _crop(out: Tensor, valid_hw: tuple[int, int] | None) -> Tensor:
+    """(N, Py, Px, h, w, C) tiles -> the (N, H, W, C) top-left ``valid_hw`` of their image (a view), or as is."""
+    if valid_hw is None:
+        return out
+    n, py, px, h, w, c = out.shape
+    return out.transpose(2, 3).reshape(n, py * h, px * w, c)[:, :valid_hw[0], :valid_hw[1]]
+
+
 def _as_windows(t: Tensor) -> Tensor:
     """(N, Py, Px, h, w, C) image tiles -> (N, P, L, C) windows (a copy unless already window-major)."""
     if t.dim() == 6:
@@ -161,6 +179,7 @@ def routed_attention(
     qk_dim: int,
     scale: float,
     return_attn: bool = False,
+    valid_hw: tuple[int, int] | None = None,
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Multi-head attention of each query window over the key/value windows routed to it.
@@ -179,23 +198,30 @@ def routed_attention(
         scale: factor applied to the logits (BiFormer uses ``qk_dim ** -0.5``).
         return_attn: also return the (N·P, m, Lq, topk·Lkv) attention weights; this needs the
             full matrix, so it always runs the reference math.
+        valid_hw: (H, W) for image tiles q: only the queries in the top-left H×W of their (Py·h, Px·w)
+            token grid are wanted, e.g. the unpadded image when the tiles cut a zero-padded one; the
+            output is then the (N, H, W, Cv) image of those queries (the CPU kernel skips the others,
+            the other paths compute and crop them). Keys and values are never restricted.
         backend: override the process-wide backend for this call.
 
     Returns:
         out: heads concatenated along channels, in q's form: (N, P, Lq, Cv), or (N, Py, Px, h, w, Cv)
-            tiles (of a new (N, Py·h, Px·w, Cv) image on the CPU kernel path); or ``(out, attn)``.
+            tiles (of a new (N, Py·h, Px·w, Cv) image on the CPU kernel path), or the (N, H, W, Cv)
+            image with ``valid_hw``; or ``(out, attn)``.
     """
     _check(q, kv, r_idx, r_weight, num_heads, qk_dim)
+    _check_valid_hw(q, valid_hw)
     reason = "the attention matrix was requested" if return_attn else None
     if resolve_backend("routed_attention", reason, backend) == "fast":
         kernel_reason = cpu_kernel.decline_reason(q, kv, r_weight, num_heads, qk_dim)
         if kernel_reason is None:
-            return cpu_kernel.routed_attention_cpu(q, kv, r_idx, num_heads=num_heads, qk_dim=qk_dim, scale=scale)
+            return cpu_kernel.routed_attention_cpu(q, kv, r_idx, num_heads=num_heads, qk_dim=qk_dim, scale=scale,
+                                                   valid_hw=valid_hw)
         log_decline("routed_attention", kernel_reason, "the SDPA fast path")
         out = routed_attention_fast(_as_windows(q), _as_windows(kv), r_idx, r_weight, num_heads=num_heads,
                                     qk_dim=qk_dim, scale=scale)
-        return out.view(*q.shape[:-1], out.shape[-1])
+        return _crop(out.view(*q.shape[:-1], out.shape[-1]), valid_hw)
     out, attn = routed_attention_reference(_as_windows(q), _as_windows(kv), r_idx, r_weight, num_heads=num_heads,
                                            qk_dim=qk_dim, scale=scale)
-    out = out.view(*q.shape[:-1], out.shape[-1])
+    out = _crop(out.view(*q.shape[:-1], out.shape[-1]), valid_hw)
     return (out, attn) if return_attn else out
