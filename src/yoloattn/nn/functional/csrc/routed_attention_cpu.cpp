@@ -235,6 +235,45 @@ inline float lane_max(vec v) {
 // overflow, no underflow), so softmax needs no max subtraction and the forward is one pass over the keys.
 constexpr float DIRECT_LOGIT_BOUND = 64.0f;
 
+template <int D>
+constexpr int head_capacity() { return D > 0 ? D : MAX_HEAD_DIM; }
+
+// Logits (log2 units) of NB query blocks against the lkv keys of one window (keys: that window's first key
+// row, head offset included): lg[j * NB + block]; with MAX, m[block] also becomes their running max.
+template <int NB, int DK, bool MAX>
+inline void window_logits(const vec (&qv)[NB][head_capacity<DK>()], int dk_rt, const float* keys, const Layout& kvl,
+                          int64_t lkv, vec* lg, vec* m) {
+    const int dk = DK > 0 ? DK : dk_rt;
+    for (int64_t j = 0; j < lkv; ++j) {
+        const float* krow = keys + kvl.tok[j];
+        vec acc[NB];
+        for (int k = 0; k < NB; ++k) acc[k] = qv[k][0] * krow[0];
+        for (int c = 1; c < dk; ++c)
+            for (int k = 0; k < NB; ++k) acc[k] += qv[k][c] * krow[c];
+        for (int k = 0; k < NB; ++k) {
+            lg[j * NB + k] = acc[k];
+            if (MAX) m[k] = acc[k] > m[k] ? acc[k] : m[k];
+        }
+    }
+}
+
+// e = 2^(logit - m) (SHIFT) or 2^logit for the lkv keys of one window: sum += e, ov += e * values.
+template <int NB, int DV, bool SHIFT>
+inline void window_values(int dv_rt, const float* values, const Layout& kvl, int64_t lkv, const vec* lg,
+                          const vec* m, vec* sum, vec (&ov)[NB][head_capacity<DV>()]) {
+    const int dv = DV > 0 ? DV : dv_rt;
+    for (int64_t j = 0; j < lkv; ++j) {
+        const float* vrow = values + kvl.tok[j];
+        vec e[NB];
+        for (int k = 0; k < NB; ++k) {
+            e[k] = vexp2(SHIFT ? lg[j * NB + k] - m[k] : lg[j * NB + k]);
+            sum[k] += e[k];
+        }
+        for (int c = 0; c < dv; ++c)
+            for (int k = 0; k < NB; ++k) ov[k][c] += e[k] * vrow[c];
+    }
+}
+
 // NB blocks of LANES query tokens (toks[i0 .. i0 + NB * LANES - 1] of window `win`, head h) against all
 // their routed keys.
 //
@@ -249,7 +288,7 @@ inline void forward_blocks(const Shape& s, const float* q, const Layout& ql, con
     const int dk = DK > 0 ? DK : s.dk, dv = DV > 0 ? DV : s.dv;
     const int64_t b = win / s.p, cq = s.cq();
     const int64_t* routed = idx + win * s.topk;
-    vec qv[NB][DK > 0 ? DK : MAX_HEAD_DIM], ov[NB][DV > 0 ? DV : MAX_HEAD_DIM], sum[NB];
+    vec qv[NB][head_capacity<DK>()], ov[NB][head_capacity<DV>()], sum[NB];
     int valid[NB];
     float q_norm2 = 0.0f, k_norm = 0.0f;
     for (int k = 0; k < NB; ++k) {
@@ -265,63 +304,23 @@ inline void forward_blocks(const Shape& s, const float* q, const Layout& ql, con
     const bool direct = std::sqrt(q_norm2) * k_norm <= DIRECT_LOGIT_BOUND;
 
     vec m[NB];
-    for (int k = 0; k < NB; ++k) m[k] = vec{};
     if (direct) {
         // per routed window: its logits into the buffer (L1-sized), then exp2, sums and values
+        for (int k = 0; k < NB; ++k) m[k] = vec{};
         for (int64_t t = 0; t < s.topk; ++t) {
-            const float* keys_t = kv + kvl.win[b * s.p + routed[t]] + h * dk;
-            const float* values_t = kv + kvl.win[b * s.p + routed[t]] + cq + h * dv;
-            for (int64_t j = 0; j < s.lkv; ++j) {
-                const float* krow = keys_t + kvl.tok[j];
-                vec acc[NB];
-                for (int k = 0; k < NB; ++k) acc[k] = qv[k][0] * krow[0];
-                for (int c = 1; c < dk; ++c)
-                    for (int k = 0; k < NB; ++k) acc[k] += qv[k][c] * krow[c];
-                for (int k = 0; k < NB; ++k) logits[j * NB + k] = acc[k];
-            }
-            for (int64_t j = 0; j < s.lkv; ++j) {
-                const float* vrow = values_t + kvl.tok[j];
-                vec e[NB];
-                for (int k = 0; k < NB; ++k) {
-                    e[k] = vexp2(logits[j * NB + k]);
-                    sum[k] += e[k];
-                }
-                for (int c = 0; c < dv; ++c)
-                    for (int k = 0; k < NB; ++k) ov[k][c] += e[k] * vrow[c];
-            }
+            const float* row_t = kv + kvl.win[b * s.p + routed[t]];
+            window_logits<NB, DK, false>(qv, dk, row_t + h * dk, kvl, s.lkv, logits, m);
+            window_values<NB, DV, false>(dv, row_t + cq + h * dv, kvl, s.lkv, logits, m, sum, ov);
         }
     } else {
         // logits (log2 units) against every routed key, stored as logits[key * NB + block], and their max
         for (int k = 0; k < NB; ++k) m[k] = splat(-INFINITY);
-        for (int64_t t = 0; t < s.topk; ++t) {
-            const float* keys_t = kv + kvl.win[b * s.p + routed[t]] + h * dk;
-            vec* lg = logits + t * s.lkv * NB;
-            for (int64_t j = 0; j < s.lkv; ++j) {
-                const float* krow = keys_t + kvl.tok[j];
-                vec acc[NB];
-                for (int k = 0; k < NB; ++k) acc[k] = qv[k][0] * krow[0];
-                for (int c = 1; c < dk; ++c)
-                    for (int k = 0; k < NB; ++k) acc[k] += qv[k][c] * krow[c];
-                for (int k = 0; k < NB; ++k) {
-                    lg[j * NB + k] = acc[k];
-                    m[k] = acc[k] > m[k] ? acc[k] : m[k];
-                }
-            }
-        }
-        for (int64_t t = 0; t < s.topk; ++t) {
-            const float* values_t = kv + kvl.win[b * s.p + routed[t]] + cq + h * dv;
-            const vec* lg = logits + t * s.lkv * NB;
-            for (int64_t j = 0; j < s.lkv; ++j) {
-                const float* vrow = values_t + kvl.tok[j];
-                vec e[NB];
-                for (int k = 0; k < NB; ++k) {
-                    e[k] = vexp2(lg[j * NB + k] - m[k]);
-                    sum[k] += e[k];
-                }
-                for (int c = 0; c < dv; ++c)
-                    for (int k = 0; k < NB; ++k) ov[k][c] += e[k] * vrow[c];
-            }
-        }
+        for (int64_t t = 0; t < s.topk; ++t)
+            window_logits<NB, DK, true>(qv, dk, kv + kvl.win[b * s.p + routed[t]] + h * dk, kvl, s.lkv,
+                                        logits + t * s.lkv * NB, m);
+        for (int64_t t = 0; t < s.topk; ++t)
+            window_values<NB, DV, true>(dv, kv + kvl.win[b * s.p + routed[t]] + cq + h * dv, kvl, s.lkv,
+                                        logits + t * s.lkv * NB, m, sum, ov);
     }
     for (int k = 0; k < NB; ++k) {
         vec inv = 1.0f / sum[k];
