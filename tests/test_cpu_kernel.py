@@ -308,6 +308,9 @@ def test_bad_valid_hw_raises(valid_hw):
     q, kv, r_idx = _padded_tiles(1, 6, 6, 2, 2, 8, 8)
     with pytest.raises(ValueError, match="valid_hw"):
         routed_attention(q, kv, r_idx, num_heads=2, qk_dim=8, scale=0.3, valid_hw=valid_hw)
-    q4 = q.detach().reshape(1, 4, 9, 8)
-    with pytest.raises(ValueError, match="valid_hw needs q as"):
-        routed_attention(q4, kv.detach().reshape(1, 4, 9, 16), r_idx, num_heads=2, qk_dim=8, scale=0.3, valid_hw=(3, 3))
+    with pytest.raises(ValueError, match="valid_hw"):  # the kernel's own entry checks it too
+        cpu_kernel.routed_attention_cpu(q, kv, r_idx, num_heads=2, qk_dim=8, scale=0.3, valid_hw=valid_hw)
+    q4, kv4 = q.detach().reshape(1, 4, 9, 8), kv.detach().reshape(1, 4, 9, 16)
+    for fn in (routed_attention, cpu_kernel.routed_attention_cpu):
+        with pytest.raises(ValueError, match="valid_hw needs q as"):
+            fn(q4, kv4, r_idx, num_heads=2, qk_dim=8, scale=0.3, valid_hw=(3, 3))

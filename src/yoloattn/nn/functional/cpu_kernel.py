@@ -296,6 +296,9 @@ def routed_attention_cpu(q: Tensor, kv: Tensor, r_idx: Tensor, *, num_heads: int
     (windows or image tiles, read in place); check :func:`decline_reason` first. Queries outside
     ``valid_hw`` are skipped, not computed and cropped.
     """
+    from .routed_attention import _check_valid_hw  # that module imports this one
+
+    _check_valid_hw(q, valid_hw)
     q, kv = _dense(q), _dense(kv)
     if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
         return _RoutedAttentionCPU.apply(q, kv, r_idx, num_heads, qk_dim, scale, valid_hw)
