@@ -1,6 +1,7 @@
-"""BRA: seed-style reference vs the fast path, YOLOv8n P3/P4/P5 at 640, batch 1 and 8, 2 threads.
+"""BRA: every backend (reference, sdpa, and the CPU kernel of every build this machine runs), YOLOv8n P3/P4/P5 at
+640, batch 1 and 8, 2 threads.
 
-    python benchmarks/bra.py                 # the full table (a few minutes on 2 cores)
+    python benchmarks/bra.py                 # the full table (several minutes on 2 cores)
     python benchmarks/bra.py --maps P3 --batches 1 --device cuda --dtype bfloat16
 """
 

@@ -52,15 +52,15 @@ def test_block_modes_match_seed_and_backends(topk, layer_scale, pre_norm):
                           pre_norm=pre_norm, mlp_dwconv=topk == 4, auto_pad=True).eval()
     x = torch.randn(2, 32, 9, 7, requires_grad=True)
     outs = {}
-    for backend in ("fast", "reference"):
+    for backend in ("auto", "reference"):
         with use_backend(backend):
             out = block(x)
         outs[backend] = (out, torch.autograd.grad(out.square().sum(), [x, *block.parameters()]))
-    torch.testing.assert_close(outs["fast"][0], outs["reference"][0], atol=1e-5, rtol=1e-4)
-    for a, b in zip(outs["fast"][1], outs["reference"][1]):
+    torch.testing.assert_close(outs["auto"][0], outs["reference"][0], atol=1e-5, rtol=1e-4)
+    for a, b in zip(outs["auto"][1], outs["reference"][1]):
         torch.testing.assert_close(a, b, atol=3e-5 * max(1.0, b.abs().max().item()), rtol=1e-4)
-    torch.testing.assert_close(outs["fast"][0], _seed_block(block, x, topk), atol=1e-5, rtol=1e-4)
-    assert outs["fast"][0].shape == x.shape
+    torch.testing.assert_close(outs["auto"][0], _seed_block(block, x, topk), atol=1e-5, rtol=1e-4)
+    assert outs["auto"][0].shape == x.shape
 
 
 def test_block_defaults_like_seed_example():
@@ -137,5 +137,5 @@ def test_bad_block_config_raises(kwargs, match):
 
 
 def test_block_bad_input_raises():
-    with pytest.raises(ValueError, match=r"expected a \(N, 32, H, W\) tensor, got shape \(1, 16, 7, 7\)"):
+    with pytest.raises(ValueError, match=r"expects a \(N, 32, H, W\) tensor, got shape \(1, 16, 7, 7\)"):
         BiFormerBlock(32, num_heads=4)(torch.randn(1, 16, 7, 7))

@@ -1,6 +1,5 @@
 """Bi-Level Routing Attention: fast path vs reference vs the seed's math, errors, export."""
 
-import contextlib
 import io
 import logging
 
@@ -10,8 +9,11 @@ import torch
 
 from seed_reference import seed_bra_forward
 from yoloattn import BiLevelRoutingAttention, use_backend
-from yoloattn.nn import backend as backend_module
-from yoloattn.nn.functional import cpu_kernel, routed_attention, routed_attention_fast, routed_attention_reference
+from yoloattn.nn import backends as backends_module
+from yoloattn.nn.functional import routed_attention, routed_attention_reference, routed_attention_sdpa
+from yoloattn.nn.functional import routed_attention_cpu as cpu
+
+FAST = ["cpu", "sdpa"] if cpu.build_info()["available"] else ["sdpa"]
 
 # (name, constructor kwargs): every option of the layer, at small widths
 CONFIGS = [
@@ -59,17 +61,19 @@ def _assert_same(a, b, atol, rtol=1e-4):
             torch.testing.assert_close(ga, gb, atol=atol * max(1.0, gb.abs().max().item()), rtol=rtol)
 
 
-@pytest.mark.parametrize("impl", ["kernel", "sdpa"])
+@pytest.mark.parametrize("impl", FAST)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name,kwargs", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_fast_matches_reference_and_seed(name, kwargs, shape, impl):
-    """Both fast implementations (the CPU kernel where it applies, and the SDPA path) against the reference."""
+    """The cpu and sdpa backends against the reference and BiFormer's math, every option of the layer
+    (soft routing has no CPU kernel: 'cpu' cannot run it)."""
     layer = BiLevelRoutingAttention(**kwargs)
     if kwargs.get("kv_downsample_mode") in ("avgpool", "maxpool") and min(shape[1:]) < 4:
         pytest.skip("window smaller than the pooling kernel")  # covered by test_pool_larger_than_window
+    if impl == "cpu" and kwargs.get("soft_routing"):
+        pytest.skip("the CPU kernel has no soft routing")  # test_named_backend_that_cannot_run_raises
     x = _input(kwargs["dim"], shape)
-    with contextlib.nullcontext() if impl == "kernel" else cpu_kernel.disabled():
-        fast = _run(layer, x, "fast")
+    fast = _run(layer, x, impl)
     ref = _run(layer, x, "reference")
     _assert_same(fast, ref, atol=1e-5)
     assert fast[0].shape == x.shape
@@ -80,14 +84,65 @@ def test_fast_matches_reference_and_seed(name, kwargs, shape, impl):
     _assert_same(fast, (seed_out.detach(), seed_grads), atol=1e-5)
 
 
+SIZES = range(1, 17)
+SOME_SIZES = (1, 2, 3, 5, 8, 13, 16)
+
+
+def _sweep_failures(layer_kwargs, backends, n_wins=(7, 4), memory_format=None, channels=16, sizes=SIZES):
+    """(n_win, H, W, backend) of every H and W in ``sizes`` whose output, input gradient or parameter gradients
+    differ from the reference's, batch 2."""
+    failures = []
+    for n_win in n_wins:
+        layer = BiLevelRoutingAttention(channels, n_win=n_win, num_heads=2, topk=min(4, n_win * n_win), **layer_kwargs)
+        for height in sizes:
+            for width in sizes:
+                x = torch.randn(2, channels, height, width)
+                if memory_format is not None:
+                    x = x.contiguous(memory_format=memory_format)
+                x.requires_grad_()
+                ref = _run(layer, x, "reference")
+                for backend in backends:
+                    try:
+                        _assert_same(_run(layer, x, backend), ref, atol=1e-5)
+                    except AssertionError:
+                        failures.append((n_win, height, width, backend))
+    return failures
+
+
+def test_every_size_1_to_16():
+    """Every H and W in 1..16 for n_win 7 and 4 (one-token-high or -wide windows, partial and empty padded
+    windows), batch 2: outputs, input gradients and every parameter gradient of every backend."""
+    assert _sweep_failures({}, FAST) == []
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
+def test_every_size_channels_last_and_strided_inputs(layout):
+    if layout == "channels_last":
+        assert _sweep_failures({}, FAST, memory_format=torch.channels_last, sizes=SOME_SIZES) == []
+    else:  # an NCHW view of a wider tensor: every stride differs from a contiguous input's
+        layer = BiLevelRoutingAttention(16, n_win=4, num_heads=2)
+        for height, width in [(1, 7), (5, 3), (9, 16), (16, 1)]:
+            x = torch.randn(2, 40, height + 3, width + 2)[:, 3:19, 1:height + 1, 2:].requires_grad_()
+            ref = _run(layer, x, "reference")
+            for backend in FAST:
+                _assert_same(_run(layer, x, backend), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(qk_dim=8), dict(qk_dim=32), dict(kv_downsample_mode="ada_avgpool", kv_per_win=2),
+                                     dict(kv_downsample_mode="ada_maxpool", kv_per_win=1), dict(side_dwconv=0)],
+                         ids=["qk8", "qk32", "ada_avgpool", "ada_maxpool", "no_lepe"])
+def test_every_size_options(options):
+    assert _sweep_failures(options, FAST, sizes=SOME_SIZES) == []
+
+
 def test_auto_pad_off_divisible():
     layer = BiLevelRoutingAttention(32, num_heads=4, auto_pad=False)
     x = _input(32, (2, 14, 21))
-    _assert_same(_run(layer, x, "fast"), _run(layer, x, "reference"), atol=1e-5)
+    _assert_same(_run(layer, x, "auto"), _run(layer, x, "reference"), atol=1e-5)
     torch.testing.assert_close(layer(x), seed_bra_forward(layer, x), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["fast", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_ret_attn_mask(backend):
     layer = BiLevelRoutingAttention(32, num_heads=4)
     x = torch.randn(2, 32, 13, 9)
@@ -103,25 +158,55 @@ def test_ret_attn_mask(backend):
 
 
 def test_functional_op_alone():
-    n, p, lq, lkv, topk = 2, 9, 6, 4, 3
-    q = torch.randn(n, p, lq, 16, dtype=torch.float64, requires_grad=True)
-    kv = torch.randn(n, p, lkv, 16 + 24, dtype=torch.float64, requires_grad=True)
+    n, n_win, h, w, hk, wk, topk = 2, 2, 1, 3, 2, 1, 3
+    p = n_win * n_win
+    q = torch.randn(n, n_win, n_win, h, w, 4, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(n, n_win, n_win, hk, wk, 4 + 6, dtype=torch.float64, requires_grad=True)
     r_idx = torch.stack([torch.randperm(p)[:topk] for _ in range(n * p)]).view(n, p, topk)
     r_weight = torch.rand(n, p, topk, dtype=torch.float64, requires_grad=True)
-    kw = dict(num_heads=4, qk_dim=16, scale=0.25)
-    fast = routed_attention_fast(q, kv, r_idx, r_weight, **kw)
+    kw = dict(num_heads=2, scale=0.25)
+    sdpa = routed_attention_sdpa(q, kv, r_idx, r_weight, **kw)
     ref, attn = routed_attention_reference(q, kv, r_idx, r_weight, **kw)
-    torch.testing.assert_close(fast, ref)
-    assert attn.shape == (n * p, 4, lq, topk * lkv)
-    torch.testing.assert_close(attn.sum(-1), torch.ones(n * p, 4, lq, dtype=torch.float64))
+    torch.testing.assert_close(sdpa, ref)
+    assert ref.shape == (n, n_win * h, n_win * w, 6)  # the NHWC image of the queries, whatever the backend
+    assert attn.shape == (n * p, 2, h * w, topk * hk * wk)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(n * p, 2, h * w, dtype=torch.float64))
     out2, attn2 = routed_attention(q, kv, r_idx, r_weight, return_attn=True, **kw)
     torch.testing.assert_close(out2, ref)
-    for backend in ("fast", "reference"):
+    cropped = routed_attention(q, kv, r_idx, r_weight, valid_hw=(1, 5), **kw)
+    torch.testing.assert_close(cropped, ref[:, :1, :5])
+    for backend in ("sdpa", "reference"):
         assert torch.autograd.gradcheck(
             lambda q, kv, w: routed_attention(q, kv, r_idx, w, backend=backend, **kw), (q, kv, r_weight))
+    with pytest.raises(ValueError, match="only the 'reference' backend builds"):
+        routed_attention(q, kv, r_idx, return_attn=True, backend="sdpa", **kw)
 
 
-@pytest.mark.parametrize("backend", ["fast", "reference"])
+@pytest.mark.parametrize("valid_hw", [(0, 4), (3,), (2.0, 3), "80x80", (True, 2), (7, 4)])
+def test_bad_valid_hw_raises(valid_hw):
+    q = torch.randn(1, 2, 2, 3, 3, 8)
+    kv = torch.randn(1, 2, 2, 3, 3, 16)
+    r_idx = torch.zeros(1, 4, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="valid_hw must be a pair of integers"):
+        routed_attention(q, kv, r_idx, num_heads=2, scale=0.3, valid_hw=valid_hw)
+
+
+def test_bad_op_inputs_raise():
+    q, kv, r_idx = torch.randn(1, 2, 2, 3, 3, 8), torch.randn(1, 2, 2, 3, 3, 16), torch.zeros(1, 4, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"expected q \(N, Py, Px, h, w, Cqk\)"):
+        routed_attention(q.flatten(1, 2), kv, r_idx, num_heads=2, scale=0.3)
+    with pytest.raises(ValueError, match="must both be divisible|divisible by num_heads=3"):
+        routed_attention(q, kv, r_idx, num_heads=3, scale=0.3)
+    with pytest.raises(TypeError, match="r_idx must be an integer tensor"):
+        routed_attention(q, kv, r_idx.float(), num_heads=2, scale=0.3)
+    with pytest.raises(ValueError, match="same N and windows"):
+        routed_attention(q, kv, r_idx[:, :3], num_heads=2, scale=0.3)
+    with pytest.raises(ValueError, match=r"backend for routed_attention must be None or one of \('auto', 'cpu', 'sdpa', "
+                                         r"'reference'\), got 'gpu'"):
+        routed_attention(q, kv, r_idx, num_heads=2, scale=0.3, backend="gpu")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])  # the CPU kernel is fp32 only
 def test_gradcheck_float64_layer(backend):
     layer = BiLevelRoutingAttention(8, n_win=2, num_heads=2, topk=2, param_routing=True, diff_routing=True,
                                     soft_routing=True).double()
@@ -130,7 +215,7 @@ def test_gradcheck_float64_layer(backend):
         assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["fast", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_cpu_finite(backend, dtype):
     layer = BiLevelRoutingAttention(64)
@@ -147,7 +232,7 @@ def test_autocast_fast_matches_reference(dtype):
     layer = BiLevelRoutingAttention(64)
     x = torch.randn(2, 64, 23, 30, requires_grad=True)
     results = []
-    for backend in ("fast", "reference"):
+    for backend in ("auto", "reference"):
         with use_backend(backend), torch.autocast("cpu", dtype=dtype):
             out = layer(x)
         results.append((out.float(), torch.autograd.grad(out.float().square().sum(), x)[0]))
@@ -157,7 +242,7 @@ def test_autocast_fast_matches_reference(dtype):
     torch.testing.assert_close(out_fast, layer(x), atol=5e-2, rtol=5e-2)  # and close to fp32
 
 
-@pytest.mark.parametrize("backend", ["fast", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_half_module_finite(backend):
     layer = BiLevelRoutingAttention(32, num_heads=4).to(torch.bfloat16)
     x = torch.randn(1, 32, 15, 15, dtype=torch.bfloat16)
@@ -176,7 +261,7 @@ def test_autocast_routes_like_fp32():
     assert (idx_bf16.sort(-1).values == idx_fp32.sort(-1).values).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("backend", ["fast", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_deterministic_algorithms(backend):
     layer = BiLevelRoutingAttention(32, num_heads=4, soft_routing=True)
     x = torch.randn(2, 32, 13, 9, requires_grad=True)
@@ -191,7 +276,7 @@ def test_deterministic_algorithms(backend):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-@pytest.mark.parametrize("backend", ["fast", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_jit_trace_other_sizes(backend):
     layer = BiLevelRoutingAttention(32, num_heads=4).eval()
     with use_backend(backend), torch.no_grad():
@@ -202,7 +287,7 @@ def test_jit_trace_other_sizes(backend):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-@pytest.mark.parametrize("backend", ["fast", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_onnx_dynamic_matches_onnxruntime(backend, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     layer = BiLevelRoutingAttention(32, num_heads=4).eval()
@@ -218,12 +303,16 @@ def test_onnx_dynamic_matches_onnxruntime(backend, tmp_path):
         np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected, atol=1e-5, rtol=1e-4)
 
 
-def test_fast_path_declines_with_reason(caplog, monkeypatch):
-    monkeypatch.setattr(backend_module, "_reported", set())  # each reason is logged once per process
-    layer = BiLevelRoutingAttention(32, num_heads=4)
-    with caplog.at_level(logging.INFO, logger="yoloattn"), use_backend("fast"):
-        layer(torch.randn(1, 32, 14, 14), ret_attn_mask=True)
-    assert "attention matrix was requested" in caplog.text
+def test_expected_declines_are_debug_messages(caplog, monkeypatch):
+    monkeypatch.setattr(backends_module, "_reported", set())  # each reason is logged once per process
+    layer = BiLevelRoutingAttention(32, num_heads=4, soft_routing=True)
+    with caplog.at_level(logging.INFO, logger="yoloattn"):
+        layer(torch.randn(1, 32, 14, 14))
+    assert caplog.text == ""  # soft routing has no kernel: expected, not worth the user's attention
+    monkeypatch.setattr(backends_module, "_reported", set())
+    with caplog.at_level(logging.DEBUG, logger="yoloattn"):
+        layer(torch.randn(1, 32, 14, 14))
+    assert "routed_attention does not use its 'cpu' backend: the kernel has no soft routing" in caplog.text
 
 
 def test_state_dict_keys_match_seed_layout():
@@ -272,10 +361,23 @@ def test_seed_state_dict_loads_strict():
     (dict(dim=0), r"dim must be a positive integer, got 0"),
     (dict(dim=32, n_win=0), r"n_win must be a positive integer, got 0"),
     (dict(dim=32, kv_downsample_mode="ada_avgpool", kv_per_win=0), r"kv_per_win must be a positive integer"),
-    (dict(dim=32, kv_downsample_mode="maxpool", kv_downsample_ratio=None), r"kv_downsample_ratio must be a positive"),
+    (dict(dim=32, backend="gpu"), r"backend for routed_attention must be None or one of \('auto', 'cpu', 'sdpa', "
+                                  r"'reference'\), got 'gpu'"),
+    (dict(dim=32, qk_scale=-1.0), r"qk_scale must be a positive number or None"),
 ])
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
+        BiLevelRoutingAttention(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dim=32.0), r"dim must be a positive integer, got 32.0 \(float\)"),
+    (dict(dim=32, kv_downsample_mode="maxpool", kv_downsample_ratio=None), r"kv_downsample_ratio must be a positive integer"),
+    (dict(dim=32, soft_routing="yes"), r"soft_routing must be True or False, got 'yes'"),
+    (dict(dim=32, qk_scale="x"), r"qk_scale must be a number, got 'x'"),
+])
+def test_bad_config_types_raise(kwargs, match):
+    with pytest.raises(TypeError, match=match):
         BiLevelRoutingAttention(**kwargs)
 
 
@@ -283,10 +385,19 @@ def test_bad_inputs_raise():
     layer = BiLevelRoutingAttention(32, num_heads=4, auto_pad=False)
     with pytest.raises(ValueError, match=r"auto_pad=False needs H and W divisible by n_win=7.*\(2, 13, 9, 32\)"):
         layer(torch.randn(2, 32, 13, 9))
-    with pytest.raises(ValueError, match=r"expected a \(N, 32, H, W\) tensor, got shape \(2, 16, 14, 14\)"):
+    with pytest.raises(ValueError, match=r"expects a \(N, 32, H, W\) tensor, got shape \(2, 16, 14, 14\)"):
         layer(torch.randn(2, 16, 14, 14))
-    with pytest.raises(ValueError, match=r"expected a \(N, 32, H, W\) tensor, got shape \(32, 14, 14\)"):
+    with pytest.raises(ValueError, match=r"expects a \(N, 32, H, W\) tensor, got shape \(32, 14, 14\)"):
         layer(torch.randn(32, 14, 14))
+    layer = BiLevelRoutingAttention(32, num_heads=4)
+    with pytest.raises(ValueError, match=r"needs N, H and W >= 1, got an input \(N, C, H, W\) of shape \(1, 32, 0, 5\)"):
+        layer(torch.randn(1, 32, 0, 5))
+    with pytest.raises(TypeError, match=r"expects a floating-point input, got torch.int64"):
+        layer(torch.ones(1, 32, 5, 5, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"has torch.float32 weights but got a torch.float64 input"):
+        layer(torch.randn(1, 32, 5, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"expects a tensor, got list"):
+        layer([1.0])
 
 
 def test_pool_larger_than_window():
@@ -296,6 +407,6 @@ def test_pool_larger_than_window():
 
 
 def test_backend_name_checked():
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'fast', 'reference'\), got 'cuda'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \[.*'cpu'.*'reference'.*'sdpa'\], got 'cuda'"):
         with use_backend("cuda"):
             pass

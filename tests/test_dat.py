@@ -55,7 +55,7 @@ def _close(a, b, atol=1e-5):
 def test_fast_matches_reference_and_seed_at_q_size(mode):
     m = _layer(**MODES[mode])
     x = torch.randn(2, 32, 12, 16, requires_grad=True)
-    fast, ref = _run(m, x, "fast"), _run(m, x, "reference")
+    fast, ref = _run(m, x, "fused"), _run(m, x, "reference")
     _close(fast, ref)
     seed = seed_dat_forward(m, x)
     for u, v in zip(fast[0], seed):
@@ -67,7 +67,7 @@ def test_fast_matches_reference_and_seed_at_q_size(mode):
 def test_other_sizes_finite_and_paths_agree(mode, shape):
     m = _layer(**MODES[mode])
     x = torch.randn(2, 32, *shape, requires_grad=True)
-    fast, ref = _run(m, x, "fast"), _run(m, x, "reference")
+    fast, ref = _run(m, x, "fused"), _run(m, x, "reference")
     _close(fast, ref)
     assert all(torch.isfinite(t).all() for t in fast[0])
     assert all(torch.isfinite(g).all() for g in fast[1] if g is not None)
@@ -82,7 +82,7 @@ def test_size_one_points_sit_at_centre():
     assert torch.equal(ref, torch.zeros_like(ref)) and torch.equal(pos, ref)
 
 
-@pytest.mark.parametrize("backend", ["fast", "reference"])
+@pytest.mark.parametrize("backend", ["fused", "reference"])
 def test_gradcheck_float64(backend):
     m = DAttentionBaseline(**{**BASE, "n_heads": 2, "n_head_channels": 2, "n_groups": 1, "q_size": (5, 4),
                               "offset_range_factor": 1}).double()
@@ -91,7 +91,7 @@ def test_gradcheck_float64(backend):
         assert torch.autograd.gradcheck(lambda t: m(t)[0], (x,), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["fast", "reference"])
+@pytest.mark.parametrize("backend", ["fused", "reference"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_module_and_autocast(backend, dtype):
     for kw in ({}, dict(offset_range_factor=2), dict(log_cpb=True), dict(dwc_pe=True)):
@@ -158,7 +158,7 @@ def test_bad_yolo_layer_config(kw, match):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-@pytest.mark.parametrize("backend", ["fast", "reference"])
+@pytest.mark.parametrize("backend", ["fused", "reference"])
 @pytest.mark.parametrize("pe", ["table", "log_cpb", "dwc"])
 def test_onnx_dynamic_matches_onnxruntime(backend, pe, tmp_path):
     ort = pytest.importorskip("onnxruntime")

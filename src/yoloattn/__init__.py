@@ -1,28 +1,78 @@
-"""yoloattn: content-aware sparse attention layers for Ultralytics YOLO.
+"""yoloattn: attention layers as first-class parts of Ultralytics YOLO.
 
-``import yoloattn`` registers the layers with Ultralytics (YAML rows such as
-``[-1, 1, BiLevelRoutingAttention, []]`` then build in stock Ultralytics) and keeps Ultralytics
-offline (see :mod:`yoloattn.yolo.offline`).
+``import yoloattn`` arranges, without importing Ultralytics, that when Ultralytics is imported its YAML
+parser knows yoloattn's layers (rows such as ``[-1, 1, BiLevelRoutingAttention, []]`` build in stock
+Ultralytics) and that it runs offline (see :mod:`yoloattn.yolo.offline` for exactly what is set). If
+Ultralytics is imported already, both happen at once. ``yoloattn.nn`` holds the layers alone: pure
+PyTorch, no Ultralytics.
 """
 
-from .nn import BiFormerBlock, BiLevelRoutingAttention, DAttention, DAttentionBaseline, get_backend, set_backend, use_backend
-from .yolo import YOLO, YOLOv10, register, transfer_weights
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
 
-register()
+from . import _hooks
+from .nn import (BiFormerBlock, BiLevelRoutingAttention, DAttention, DAttentionBaseline, get_backend, ops, set_backend,
+                 use_backend)
+
+__version__ = "0.2.0"
+# the Ultralytics releases yoloattn is tested with (see the README's compatibility matrix)
+ULTRALYTICS_SUPPORTED = ">=8.3.0,<8.5"
+
+_LAZY = {  # Ultralytics-facing names, imported on first use
+    "YOLO": "yoloattn.yolo.model",
+    "YOLOv10": "yoloattn.yolo.model",
+    "MAIN_JOB": "yoloattn.yolo.cli",
+    "register": "yoloattn.yolo.register",
+    "transfer_weights": "yoloattn.yolo.model",
+}
 
 __all__ = [
     "BiFormerBlock",
     "BiLevelRoutingAttention",
     "DAttention",
     "DAttentionBaseline",
+    "MAIN_JOB",
+    "ULTRALYTICS_SUPPORTED",
     "YOLO",
     "YOLOv10",
     "__version__",
     "get_backend",
+    "ops",
     "register",
     "set_backend",
     "transfer_weights",
     "use_backend",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'yoloattn' has no attribute {name!r}")
+
+
+def _before_ultralytics() -> None:
+    from .yolo import compat, offline
+
+    compat.check_installed_version()
+    offline.set_environment()
+
+
+def _after_ultralytics_utils(_module) -> None:
+    from .yolo import offline
+
+    offline.ensure_fonts()
+
+
+def _after_tasks(tasks) -> None:
+    from .yolo.register import register
+
+    register(tasks)
+
+
+_hooks.before_import("ultralytics", _before_ultralytics)
+_hooks.after_import("ultralytics.utils", _after_ultralytics_utils)
+_hooks.after_import("ultralytics.nn.tasks", _after_tasks)

@@ -1,6 +1,6 @@
-"""Speed and memory measurements of the yoloattn layers, each case in a fresh process."""
+"""Speed and memory measurement of the yoloattn layers and of whole models (``yoloattn bench``)."""
 
-from .layers import LAYER_CASES, run_layer_benchmark
-from .measure import measure_case
+from .layers import LAYERS, run_layer_benchmark
+from .models import run_model_benchmark
 
-__all__ = ["LAYER_CASES", "measure_case", "run_layer_benchmark"]
+__all__ = ["LAYERS", "run_layer_benchmark", "run_model_benchmark"]

@@ -1,61 +1,137 @@
-"""Layer-level benchmark: reference vs fast path, side by side.
+"""Layer benchmark: every backend of every layer side by side, at YOLOv8n's P3/P4/P5 maps.
 
-Each case runs in fresh processes: one times the implementations interleaved on the same layer and
-input (so a drifting machine speed cancels out of their ratio), one per implementation measures the
-peak memory.
+For each (layer, map, batch) case one fresh process times all implementations interleaved on the same
+layer and input (so the machine's drift cancels out of their ratios), and one fresh process per
+implementation measures its peak memory. A row per implementation names its backend and, for the
+compiled CPU kernel, the build (``cpu[avx512]``, ``cpu[avx2]``, ``cpu[sse2]``: every ``-march`` target
+this machine can run). Ratios are against the layer's ``reference`` backend (the official math); Ultralytics'
+3x3 ``Conv`` of the same width is a row for scale.
 
-Rows: BRA and DAT (reference and fast) and, for scale, Ultralytics' 3x3 Conv of the same width.
-
-Run ``python benchmarks/bra.py`` (or ``python -m yoloattn.bench.layers``); ``--help`` lists options.
+    python -m yoloattn.bench.layers --layers bra --maps P3 --batches 1
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import platform
+import statistics
 import subprocess
 import sys
 
 import torch
 
-__all__ = ["LAYER_CASES", "run_layer_benchmark", "build_layer"]
+from .measure import interleaved_rounds, machine_info, machine_line, peak_memory_mib, ratio_median
+
+__all__ = ["LAYERS", "YOLOV8N_MAPS", "implementations", "run_layer_benchmark"]
 
 # YOLOv8n feature maps at imgsz 640: P3, P4, P5
 YOLOV8N_MAPS = {"P3": (64, 80, 80), "P4": (128, 40, 40), "P5": (256, 20, 20)}
-LAYER_CASES = {
-    # layer name -> implementations compared, the baseline first (one entry: no baseline)
-    "bra": ("reference", "fast"),
-    "dat": ("reference", "fast"),
-    "conv3x3": ("fast",),
+# the -march targets of the CPU kernel besides 'native' that an x86-64 machine runs: AVX2 + FMA, and SSE2
+X86_BUILDS = ("x86-64-v3", "x86-64")
+
+
+def _bra(c):
+    from ..nn.bra import BiLevelRoutingAttention
+
+    return BiLevelRoutingAttention(c)  # BiFormer's defaults: n_win=7, 8 heads, topk=4
+
+
+def _dat(c):
+    from ..nn.dat import DAttention
+
+    return DAttention(c)  # head dim 32, stride 8, table position bias
+
+
+def _conv(c):
+    from ultralytics.nn.modules import Conv
+
+    return Conv(c, c, 3)  # Ultralytics' Conv: 3x3 conv + BN + SiLU
+
+
+# layer name -> (builder taking the channel count, the op whose backends are compared, or None)
+LAYERS = {
+    "bra": (_bra, "routed_attention"),
+    "dat": (_dat, "deformable_attention"),
+    "conv3x3": (_conv, None),
 }
 
 
-def build_layer(layer: str, channels: int) -> torch.nn.Module:
-    """The layer of a benchmark row: BRA and DAT at their defaults, or a 3x3 conv of the same width."""
-    if layer == "bra":
-        from ..nn.bra import BiLevelRoutingAttention
+def implementations(layer: str, device: str = "cpu") -> list[str]:
+    """The implementations a row set compares: the op's backends, the CPU kernel once per build."""
+    if layer not in LAYERS:
+        raise ValueError(f"unknown layer {layer!r}; choose from {sorted(LAYERS)}")
+    from ..nn.backends import ops
 
-        return BiLevelRoutingAttention(channels)  # seed defaults: n_win=7, 8 heads, topk=4
-    if layer == "dat":
-        from ..nn.dat import DAttention
+    op = LAYERS[layer][1]
+    if op is None:
+        return ["conv"]
+    names = ["reference", *(n for n in ops()[op] if n != "reference")]  # the baseline first in the table
+    out = []
+    for name in names:
+        if name == "cpu":
+            if device != "cpu":
+                continue
+            out.append("cpu@native")
+            if platform.machine() in ("x86_64", "AMD64"):
+                out += [f"cpu@{march}" for march in X86_BUILDS]
+        else:
+            out.append(name)
+    return out
 
-        return DAttention(channels)  # head dim 32, stride 8, table position bias
-    if layer == "conv3x3":
-        from ultralytics.nn.modules import Conv
 
-        return Conv(channels, channels, 3)  # Ultralytics' Conv: 3x3 conv + BN + SiLU
-    raise ValueError(f"unknown layer {layer!r}; choose from {sorted(LAYER_CASES)}")
+def _context(op: str | None, impl: str):
+    from ..nn.backends import use_backend
+    from ..nn.functional import routed_attention_cpu as cpu
+
+    if op is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    name, _, march = impl.partition("@")
+    stack.enter_context(use_backend(**{op: name}))
+    if march:
+        stack.enter_context(cpu.use_build(march))
+    return stack
+
+
+def _label(impl: str, builds: dict) -> str:
+    name, _, march = impl.partition("@")
+    if not march:
+        return name
+    info = builds.get(march) or {}
+    return f"cpu[{info.get('isa', march)}]" if info.get("available") else f"cpu[{march}: unavailable]"
 
 
 def _worker(spec: dict) -> dict:
-    from .measure import measure_case
-
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
+    build, op = LAYERS[spec["layer"]]
+    dev = torch.device(spec["device"])
     shape = tuple(spec["shape"])
-    return measure_case(lambda: build_layer(spec["layer"], shape[1]), shape, spec["device"], spec["dtype"],
-                        backends=tuple(spec["impls"]), what=spec["what"])
+    layer = build(shape[1]).to(dev)
+    x = torch.randn(shape, device=dev, requires_grad=True)
+    amp = spec["dtype"] != "float32"
+
+    def forward(impl):
+        with _context(op, impl), torch.autocast(dev.type, dtype=getattr(torch, spec["dtype"]), enabled=amp):
+            out = layer(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward_backward(impl):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        forward(impl).float().sum().backward()
+
+    impls = spec["impls"]
+    if spec["what"] == "memory":
+        return {impls[0]: {"peak_mib": peak_memory_mib(lambda: forward_backward(impls[0]), dev)}}
+    with torch.no_grad():
+        fwd = interleaved_rounds({i: (lambda i=i: forward(i)) for i in impls}, dev, rounds=7, reps=3, budget_s=20)
+    fwdbwd = interleaved_rounds({i: (lambda i=i: forward_backward(i)) for i in impls}, dev, rounds=7, reps=2,
+                                budget_s=40)
+    return {i: {"fwd_rounds": fwd[i], "fwdbwd_rounds": fwdbwd[i]} for i in impls}
 
 
 def _run_worker(spec: dict, memory: bool = False) -> dict:
@@ -70,68 +146,75 @@ def _run_worker(spec: dict, memory: bool = False) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _isolated(spec: dict) -> dict:
-    """{impl: {fwd_ms, fwdbwd_ms, peak_mib}}: times interleaved in one fresh process, memory one process each."""
-    result = _run_worker(spec)
-    for impl in spec["impls"]:
-        result[impl].update(_run_worker(dict(spec, impls=[impl]), memory=True)[impl])
-    return result
+def _builds() -> dict:
+    from ..nn.functional import routed_attention_cpu as cpu
+
+    out = {}
+    for march in ("native", *(X86_BUILDS if platform.machine() in ("x86_64", "AMD64") else ())):
+        with cpu.use_build(march):
+            out[march] = cpu.build_info()
+    return out
 
 
 def run_layer_benchmark(layers=("bra",), maps=("P3", "P4", "P5"), batches=(1, 8), device="cpu", dtype="float32",
-                        threads=2, printer=print) -> list[dict]:
-    """Measure every (layer, map, batch) case for each implementation and print a table.
-
-    Returns:
-        one dict per case with the figures of each implementation and the ratios.
-    """
-    rows = []
-    header = ("| layer | map | input (N, C, H, W) | ref fwd ms | fast fwd ms | fwd × | ref f+b ms | fast f+b ms "
-              "| f+b × | ref peak MiB | fast peak MiB | mem ÷ |")
-    printer(f"device={device} dtype={dtype} threads={threads} torch={torch.__version__}")
+                        threads=2, memory=True, printer=print) -> list[dict]:
+    """Measure every (layer, map, batch, implementation) and print a table; returns one dict per row."""
+    torch.set_num_threads(threads)
+    builds = _builds() if device == "cpu" else {}
+    printer(f"layer benchmark on {machine_line(machine_info(device))}; dtype {dtype}; medians of interleaved rounds")
+    header = ("| layer | map | input (N, C, H, W) | backend | fwd ms | f+b ms | peak MiB | fwd × ref | f+b × ref "
+              "| mem ÷ ref |")
     printer(header)
     printer("|" + "---|" * (header.count("|") - 1))
+    rows = []
     for layer in layers:
-        if layer not in LAYER_CASES:
-            raise ValueError(f"unknown layer {layer!r}; choose from {sorted(LAYER_CASES)}")
-        impls = LAYER_CASES[layer]
+        impls = [i for i in implementations(layer, device)
+                 if "@" not in i or builds.get(i.partition("@")[2], {}).get("available")]
         for name in maps:
             c, h, w = YOLOV8N_MAPS[name]
             for n in batches:
-                spec = dict(layer=layer, shape=[n, c, h, w], device=device, dtype=dtype, threads=threads)
-                measured = _isolated(dict(spec, impls=list(impls)))
-                fast = measured[impls[-1]]
-                ref = measured[impls[0]] if len(impls) > 1 else None
-                row = dict(spec, ref=ref, fast=fast)
-                cells = ["—"] * 6
-                if ref is not None:
-                    row.update(fwd_x=ref["fwd_ms"] / fast["fwd_ms"], fwdbwd_x=ref["fwdbwd_ms"] / fast["fwdbwd_ms"],
-                               mem_div=ref["peak_mib"] / max(fast["peak_mib"], 1e-3))
-                    cells = [f"{ref['fwd_ms']:.1f}", f"{row['fwd_x']:.2f}", f"{ref['fwdbwd_ms']:.1f}",
-                             f"{row['fwdbwd_x']:.2f}", f"{ref['peak_mib']:.0f}", f"{row['mem_div']:.1f}"]
-                rows.append(row)
-                printer(f"| {layer} | {name} | ({n}, {c}, {h}, {w}) | {cells[0]} | {fast['fwd_ms']:.1f} | {cells[1]} | "
-                        f"{cells[2]} | {fast['fwdbwd_ms']:.1f} | {cells[3]} | {cells[4]} | {fast['peak_mib']:.0f} | "
-                        f"{cells[5]} |")
+                spec = dict(layer=layer, shape=[n, c, h, w], device=device, dtype=dtype, threads=threads, impls=impls)
+                measured = _run_worker(spec)
+                if memory:
+                    for impl in impls:
+                        measured[impl].update(_run_worker(dict(spec, impls=[impl]), memory=True)[impl])
+                ref = measured.get("reference")
+                for impl in impls:
+                    m = measured[impl]
+                    row = dict(layer=layer, map=name, shape=[n, c, h, w], device=device, dtype=dtype, threads=threads,
+                               backend=_label(impl, builds), impl=impl,
+                               fwd_ms=statistics.median(m["fwd_rounds"]),
+                               fwdbwd_ms=statistics.median(m["fwdbwd_rounds"]), peak_mib=m.get("peak_mib"))
+                    if ref is not None:
+                        row["fwd_x"] = ratio_median(ref["fwd_rounds"], m["fwd_rounds"])
+                        row["fwdbwd_x"] = ratio_median(ref["fwdbwd_rounds"], m["fwdbwd_rounds"])
+                        if memory:
+                            row["mem_div"] = ref["peak_mib"] / max(m["peak_mib"], 1e-3)
+                    rows.append(row)
+                    cells = [f"{row[k]:.2f}" if k in row else "—" for k in ("fwd_x", "fwdbwd_x", "mem_div")]
+                    peak = f"{row['peak_mib']:.0f}" if row["peak_mib"] is not None else "—"
+                    printer(f"| {layer} | {name} | ({n}, {c}, {h}, {w}) | {row['backend']} | {row['fwd_ms']:.1f} | "
+                            f"{row['fwdbwd_ms']:.1f} | {peak} | {cells[0]} | {cells[1]} | {cells[2]} |")
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--layers", default="bra,dat,conv3x3", help="comma-separated layers: " + ",".join(LAYER_CASES))
+    parser.add_argument("--layers", default="bra,dat,conv3x3", help="comma-separated layers: " + ",".join(LAYERS))
     parser.add_argument("--maps", default="P3,P4,P5", help="comma-separated YOLOv8n maps at 640: P3,P4,P5")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
     rows = run_layer_benchmark(args.layers.split(","), args.maps.split(","), [int(b) for b in args.batches.split(",")],
-                               args.device, args.dtype, args.threads)
+                               args.device, args.dtype, args.threads, memory=not args.no_memory)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -1,21 +1,76 @@
-"""Median time and peak memory of one layer case, measured in the current process.
+"""Timing and memory measurement shared by every benchmark (layers, whole models, ``yoloattn ablate``).
 
-Peak memory is what one forward+backward adds on top of the model, its input and one warm-up
-step: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the peak resident set (Linux
-``VmHWM``, reset through ``/proc/self/clear_refs``). On the CPU, run it in a fresh process
-started with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed blocks go back to the system and the
-resident set follows the live tensors (:func:`yoloattn.bench.layers` does); time in another one.
+Times are wall-clock medians. Implementations compared with each other are run interleaved (a, b, a, b,
+...) in one process, so a drift of the machine's speed (a shared virtual machine changes by 30% within
+seconds) cancels out of their ratios. Peak memory is what one call adds to the process at its peak: on
+CUDA ``torch.cuda.max_memory_allocated``; on the CPU the peak resident set (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs``) of a fresh process started with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed
+blocks leave the resident set at once (:func:`yoloattn.bench.layers` arranges it).
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["measure_case", "median_ms", "interleaved_median_ms"]
+__all__ = ["interleaved_rounds", "machine_info", "machine_line", "median_ms", "peak_memory_mib", "ratio_median"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_rounds(fns: dict[str, Callable[[], object]], device: torch.device | str = "cpu", rounds: int = 5,
+                       reps: int = 3, budget_s: float | None = None, warmup: int = 1) -> dict[str, list[float]]:
+    """Per-round median milliseconds of each function, the functions taking turns within every round.
+
+    Args:
+        fns: name -> function to time.
+        device: where they run (CUDA is synchronised around each call).
+        rounds: rounds; each times every function ``reps`` times back to back.
+        reps: calls per function per round.
+        budget_s: stop after this many seconds once 3 rounds are done (None: run all rounds).
+        warmup: untimed calls of each function first.
+
+    Returns:
+        name -> one median per round, in round order.
+    """
+    device = torch.device(device)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    for r in range(rounds):
+        for name, fn in fns.items():
+            samples = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                samples.append((time.perf_counter() - t0) * 1e3)
+            out[name].append(statistics.median(samples))
+        if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return out
+
+
+def median_ms(fn: Callable[[], object], device: torch.device | str = "cpu", rounds: int = 5, reps: int = 3,
+              budget_s: float | None = 2.0) -> float:
+    """Median wall time of ``fn`` in milliseconds, after one warm-up call."""
+    return statistics.median(interleaved_rounds({"fn": fn}, device, rounds, reps, budget_s)["fn"])
+
+
+def ratio_median(rounds_a: list[float], rounds_b: list[float]) -> float:
+    """Median over rounds of a / b: the ratio of two interleaved measurements, robust to the machine's drift."""
+    return statistics.median(a / b for a, b in zip(rounds_a, rounds_b))
 
 
 def _rss_kib(field: str) -> int:
@@ -26,50 +81,9 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, budget_s: float = 2.0, min_reps: int = 3,
-              max_reps: int = 20) -> float:
-    """Median wall time of ``fn`` in milliseconds after one warm-up call."""
-    fn()
-    _sync(device)
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def interleaved_median_ms(fns: dict[str, Callable[[], object]], device: torch.device, budget_s: float = 4.0,
-                          min_reps: int = 5, max_reps: int = 30) -> dict[str, float]:
-    """Median wall time of each function in milliseconds, calling them in turn (a, b, a, b, ...).
-
-    Interleaving makes their ratio robust to the machine's speed drifting during the run (a shared
-    virtual machine can change by 30% within seconds); each gets one warm-up call first.
-    """
-    for fn in fns.values():
-        fn()
-        _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    start = time.perf_counter()
-    while len(times[next(iter(fns))]) < min_reps or (
-            len(times[next(iter(fns))]) < max_reps and time.perf_counter() - start < budget_s):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
-
-
-def peak_memory_mib(step: Callable[[], object], device: torch.device) -> float:
+def peak_memory_mib(step: Callable[[], object], device: torch.device | str = "cpu") -> float:
     """Memory that one call of ``step`` adds at its peak, in MiB (after one warm-up call)."""
+    device = torch.device(device)
     step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -85,42 +99,44 @@ def peak_memory_mib(step: Callable[[], object], device: torch.device) -> float:
     return (_rss_kib("VmHWM") - base) / 1024
 
 
-def measure_case(build: Callable[[], torch.nn.Module], shape: tuple[int, ...], device: str = "cpu",
-                 dtype: str = "float32", backends: tuple[str, ...] = ("auto",), what: str = "time") -> dict:
-    """Forward and forward+backward median times of each backend, or the peak memory of forward+backward.
+def _cpu_model_and_isa() -> tuple[str, str]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "NEON" if "asimd" in flags
+           else "SSE2" if "sse2" in flags else platform.machine())
+    return model, isa
 
-    Args:
-        build: returns the layer (built on the CPU in fp32; moved here).
-        shape: input shape (N, C, H, W).
-        device: ``'cpu'`` or a CUDA device.
-        dtype: ``'float32'``, or ``'bfloat16'``/``'float16'`` for autocast.
-        backends: yoloattn backends to compare on the same layer and input; times are interleaved.
-        what: ``'time'`` ({backend: {``fwd_ms``, ``fwdbwd_ms``}}) or ``'memory'`` ({backend: {``peak_mib``}},
-            one backend: run each in a fresh process, so that one's peak does not hide the other's).
-    """
-    from ..nn.backend import use_backend
 
-    dev = torch.device(device)
-    layer = build().to(dev)
-    x = torch.randn(shape, device=dev, requires_grad=True)
-    amp = dtype != "float32"
-    amp_dtype = getattr(torch, dtype)
+def machine_info(device: str = "cpu") -> dict:
+    """Where a benchmark ran: CPU model and its widest vector ISA, cores, threads, versions, the kernel build."""
+    from ..nn.functional import routed_attention_cpu as cpu
 
-    def forward(backend):
-        with use_backend(backend), torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
-            out = layer(x)
-        return out[0] if isinstance(out, tuple) else out
+    model, isa = _cpu_model_and_isa()
+    info = {"cpu": model, "isa": isa, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "device": device, "kernel": cpu.build_info()}
+    try:
+        from importlib.metadata import version
 
-    def forward_backward(backend):
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        forward(backend).float().sum().backward()
+        info["ultralytics"] = version("ultralytics")
+    except Exception:  # noqa: BLE001
+        info["ultralytics"] = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
 
-    if what == "memory":
-        if len(backends) != 1:
-            raise ValueError(f"measure the memory of one backend per process, got {backends}")
-        return {backends[0]: {"peak_mib": peak_memory_mib(lambda: forward_backward(backends[0]), dev)}}
-    with torch.no_grad():
-        fwd = interleaved_median_ms({b: (lambda b=b: forward(b)) for b in backends}, dev)
-    fwdbwd = interleaved_median_ms({b: (lambda b=b: forward_backward(b)) for b in backends}, dev)
-    return {b: {"fwd_ms": fwd[b], "fwdbwd_ms": fwdbwd[b]} for b in backends}
+
+def machine_line(info: dict) -> str:
+    """One line naming the machine for a table's header."""
+    kernel = info["kernel"]
+    build = (f"kernel -march={kernel['march']} ({kernel['isa']})" if kernel["available"]
+             else "no CPU kernel")
+    where = info.get("gpu") or f"{info['cpu']} ({info['isa']}, {info['cores']} cores)"
+    return (f"{where}, {info['threads']} threads, torch {info['torch']}, ultralytics {info['ultralytics']}, {build}")

@@ -1,94 +1,127 @@
-"""Model-level benchmark: latency, params and GFLOPs of whole YOLO models side by side.
+"""Whole-model benchmark: inference latency and training-step time of YOLO models side by side.
 
-``python benchmarks/yolo.py`` (or ``yoloattn bench``): YOLOv8n with and without the attention layers at
-imgsz 640, batch 1, fused, on the CPU with 2 threads unless told otherwise. Every round times each model
-back to back; latency is the median over all rounds, and the ratio to the first model is the median of
-the per-round ratios, so a drift of the machine's speed (a shared VM changes by 30% within seconds)
-cancels out of it.
+``python -m yoloattn.bench.models`` (or ``yoloattn bench``): YOLOv8n with and without the attention layers,
+
+- inference: batch 1 at ``imgsz`` (640), fused, eval mode;
+- training step: a real Ultralytics step at ``--train-batch`` and ``--train-imgsz`` (8 at 320, and 4 at 640):
+  train-mode forward, Ultralytics' detection loss on fixed synthetic boxes, backward, SGD step.
+
+Every round times each model back to back; the ratio to the first model is the median of the per-round
+ratios, so the machine's drift cancels out of it. The header names the CPU, its ISA, the thread count and
+the CPU kernel build (``--build x86-64-v3`` runs BRA's AVX2 kernel, ``x86-64`` the SSE2 one).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
-import time
 
 import torch
 
-__all__ = ["run_model_benchmark"]
+from .measure import interleaved_rounds, machine_info, machine_line, ratio_median
+
+__all__ = ["DEFAULT_MODELS", "run_model_benchmark"]
 
 DEFAULT_MODELS = ("yolov8n.yaml", "yolov8n-bra.yaml", "yolov8n-dat.yaml")
 
 
-def _build(name: str, device: torch.device):
+def _inference_model(name: str, device: torch.device):
     from ..yolo.model import YOLO
 
     model = YOLO(name).model.to(device).float().eval()
     return model.fuse(verbose=False)
 
 
+def _training_step(name: str, device: torch.device, batch: int, imgsz: int):
+    """One Ultralytics training step of model ``name`` on fixed synthetic images and boxes."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils import DEFAULT_CFG
+
+    from ..yolo.model import YOLO
+
+    model = YOLO(name).model.to(device).float().train()
+    model.args = get_cfg(DEFAULT_CFG)  # the loss reads its gains from here
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    boxes = 6 * batch
+    data = {"img": torch.rand(batch, 3, imgsz, imgsz, generator=g).to(device),
+            "batch_idx": torch.arange(batch).repeat_interleave(6).float().to(device),
+            "cls": torch.randint(0, 80, (boxes, 1), generator=g).float().to(device),
+            "bboxes": torch.cat([torch.rand(boxes, 2, generator=g) * 0.6 + 0.2,
+                                 torch.rand(boxes, 2, generator=g) * 0.2 + 0.05], 1).to(device)}
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = model.loss(data)
+        loss.sum().backward()
+        optimizer.step()
+
+    return model, step
+
+
 def run_model_benchmark(models=DEFAULT_MODELS, imgsz: int = 640, device: str = "cpu", threads: int = 2,
-                        rounds: int = 15, reps: int = 3, printer=print) -> list[dict]:
-    """Measure each model's batch-1 latency, params and GFLOPs at ``imgsz``; print a table with ratios.
+                        rounds: int = 15, reps: int = 3, modes=("inference", "train"),
+                        train_shapes=((8, 320), (4, 640)), build: str | None = None, printer=print) -> list[dict]:
+    """Measure each model's inference latency and training-step time; print tables with ratios to the first.
 
     Returns:
-        one dict per model: ``model``, ``latency_ms``, ``params``, ``gflops``, ``ratio`` (median per-round
-        latency / first model's).
+        one dict per (model, mode, shape): ``model``, ``mode``, ``batch``, ``imgsz``, ``ms``, ``ratio``, ``params``,
+        ``gflops`` (at ``imgsz``).
     """
     from ultralytics.utils.torch_utils import get_flops
 
+    from ..nn.functional import routed_attention_cpu as cpu
+
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    nets = {name: _build(name, dev) for name in models}
-    x = torch.zeros(1, 3, imgsz, imgsz, device=dev)
-    samples = {name: [] for name in models}  # rounds × reps, in order
-    with torch.no_grad():
-        for net in nets.values():  # warm-up
-            net(x)
-        for _ in range(rounds):
-            for name, net in nets.items():
-                for _ in range(reps):
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize(dev)
-                    t0 = time.perf_counter()
-                    net(x)
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize(dev)
-                    samples[name].append((time.perf_counter() - t0) * 1e3)
-
-    def per_round(name: str) -> list[float]:
-        return [statistics.median(samples[name][r * reps:(r + 1) * reps]) for r in range(rounds)]
-
-    base = per_round(models[0])
     rows = []
-    for name, net in nets.items():
-        ratios = [t / b for t, b in zip(per_round(name), base)]
-        rows.append({"model": name, "latency_ms": statistics.median(samples[name]),
-                     "params": sum(p.numel() for p in net.parameters()), "gflops": get_flops(net, imgsz),
-                     "ratio": statistics.median(ratios)})
-    printer(f"imgsz={imgsz} batch=1 device={device} threads={threads} torch={torch.__version__} (fused, eval)")
-    printer("| model | params (M) | GFLOPs | latency ms | latency / first (per-round median) |")
-    printer("|---|---|---|---|---|")
+    with cpu.use_build(build) if build else contextlib.nullcontext():
+        printer(f"whole models on {machine_line(machine_info(device))}")
+        if "inference" in modes:
+            nets = {name: _inference_model(name, dev) for name in models}
+            x = torch.zeros(1, 3, imgsz, imgsz, device=dev)
+            with torch.no_grad():
+                times = interleaved_rounds({n: (lambda net=net: net(x)) for n, net in nets.items()}, dev, rounds, reps)
+            for name, net in nets.items():
+                rows.append({"model": name, "mode": "inference", "batch": 1, "imgsz": imgsz,
+                             "ms": statistics.median(times[name]), "ratio": ratio_median(times[name], times[models[0]]),
+                             "params": sum(p.numel() for p in net.parameters()), "gflops": get_flops(net, imgsz)})
+            del nets
+        if "train" in modes:
+            for batch, size in train_shapes:
+                steps = {name: _training_step(name, dev, batch, size)[1] for name in models}
+                times = interleaved_rounds(steps, dev, max(3, rounds // 3), 1, warmup=2)
+                for name in models:
+                    rows.append({"model": name, "mode": "train", "batch": batch, "imgsz": size,
+                                 "ms": statistics.median(times[name]),
+                                 "ratio": ratio_median(times[name], times[models[0]])})
+                del steps
+    printer("| model | mode | batch × imgsz | params (M) | GFLOPs @640 | ms | ratio to the first (per-round median) |")
+    printer("|---|---|---|---|---|---|---|")
     for row in rows:
-        printer(f"| {row['model']} | {row['params'] / 1e6:.3f} | {row['gflops']:.2f} | {row['latency_ms']:.1f} | "
-                f"{row['ratio']:.3f} |")
+        params = f"{row['params'] / 1e6:.3f}" if "params" in row else ""
+        gflops = f"{row['gflops']:.2f}" if "gflops" in row else ""
+        printer(f"| {row['model']} | {row['mode']} | {row['batch']} × {row['imgsz']} | {params} | {gflops} | "
+                f"{row['ms']:.1f} | {row['ratio']:.3f} |")
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model YAMLs or weights")
-    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--imgsz", type=int, default=640, help="inference image size (batch 1)")
+    parser.add_argument("--modes", default="inference,train", help="inference, train or both")
+    parser.add_argument("--train", default="8x320,4x640", help="training steps as BATCHxIMGSZ, comma-separated")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--build", default=None, help="CPU kernel -march target, e.g. x86-64-v3 (AVX2), x86-64 (SSE2)")
     args = parser.parse_args(argv)
-    from ..yolo.register import register
-
-    register()
-
-    run_model_benchmark(args.models.split(","), args.imgsz, args.device, args.threads, args.rounds)
+    train_shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.train.split(",") if s]
+    run_model_benchmark(args.models.split(","), args.imgsz, args.device, args.threads, args.rounds,
+                        modes=args.modes.split(","), train_shapes=train_shapes, build=args.build)
     return 0
 
 

@@ -1,6 +1,6 @@
-"""Pure-PyTorch attention layers (no Ultralytics import)."""
+"""Pure-PyTorch attention layers (no Ultralytics import, no global side effects)."""
 
-from .backend import get_backend, set_backend, use_backend
+from .backends import BackendUnavailableError, YoloattnWarning, get_backend, ops, set_backend, use_backend
 from .biformer import Attention, AttentionLePE, BiFormerBlock, DropPath, DWConv
 from .bra import BiLevelRoutingAttention
 from .dat import DAttention, DAttentionBaseline
@@ -8,13 +8,16 @@ from .dat import DAttention, DAttentionBaseline
 __all__ = [
     "Attention",
     "AttentionLePE",
+    "BackendUnavailableError",
     "BiFormerBlock",
     "BiLevelRoutingAttention",
     "DAttention",
     "DAttentionBaseline",
     "DWConv",
     "DropPath",
+    "YoloattnWarning",
     "get_backend",
+    "ops",
     "set_backend",
     "use_backend",
 ]

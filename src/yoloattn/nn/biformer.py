@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import resolve_backend
-from .bra import BiLevelRoutingAttention, _odd_kernel, _positive_int
+from ._checks import check_image, odd_kernel, positive_int
+from .bra import BiLevelRoutingAttention
+from .functional.attention import multi_head_attention
 
 __all__ = ["Attention", "AttentionLePE", "BiFormerBlock", "DWConv", "DropPath"]
 
@@ -58,26 +58,6 @@ class DWConv(nn.Module):
         return self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
-def multi_head_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 0.0,
-                         backend: str | None = None) -> Tensor:
-    """Plain softmax attention, fast (SDPA) or reference (explicit matrix).
-
-    Args:
-        q, k, v: (B, m, L, c) queries, keys and values.
-        scale: factor on the logits.
-        dropout_p: dropout on the attention weights.
-        backend: per-call override of :mod:`yoloattn.nn.backend`.
-
-    Returns:
-        (B, m, L, c).
-    """
-    if resolve_backend("attention", None, backend) == "fast":
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    logits = (q * scale) @ k.transpose(-2, -1)
-    attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
-    return F.dropout(attn, dropout_p) @ v
-
-
 class Attention(nn.Module):
     """Global multi-head self-attention on a channels-last map, (N, H, W, C) -> (N, H, W, C).
 
@@ -93,8 +73,8 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None,
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
-        _positive_int("dim", dim)
-        _positive_int("num_heads", num_heads)
+        positive_int("dim", dim)
+        positive_int("num_heads", num_heads)
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         self.num_heads = num_heads
@@ -109,7 +89,7 @@ class Attention(nn.Module):
         n, length, c = x.shape
         # (N, L, 3, m, c/m) -> 3 × (N, m, L, c/m)
         q, k, v = self.qkv(x).reshape(n, length, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = multi_head_attention(q, k, v, self.scale, self.attn_drop if self.training else 0.0)
+        out = multi_head_attention(q, k, v, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0)
         return out.transpose(1, 2).reshape(n, length, c)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -128,7 +108,7 @@ class AttentionLePE(Attention):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, side_dwconv: int = 5):
         super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop)
-        _odd_kernel("side_dwconv", side_dwconv)
+        odd_kernel("side_dwconv", side_dwconv)
         self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -175,8 +155,8 @@ class BiFormerBlock(nn.Module):
                  mlp_ratio: float = 4, mlp_dwconv: bool = False, side_dwconv: int = 5, before_attn_dwconv: int = 3,
                  pre_norm: bool = True, auto_pad: bool = False):
         super().__init__()
-        _positive_int("dim", dim)
-        _odd_kernel("before_attn_dwconv", before_attn_dwconv)
+        positive_int("dim", dim)
+        odd_kernel("before_attn_dwconv", before_attn_dwconv)
         if not isinstance(topk, int) or isinstance(topk, bool) or topk < -2:
             raise ValueError(f"topk must be > 0 (BRA), -1 (attention), -2 (attention with LePE) or 0 (conv), got {topk!r}")
         if mlp_ratio <= 0:
@@ -223,8 +203,7 @@ class BiFormerBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (N, C, H, W) -> (N, C, H, W)."""
-        if x.dim() != 4 or x.shape[1] != self.norm1.normalized_shape[0]:
-            raise ValueError(f"expected a (N, {self.norm1.normalized_shape[0]}, H, W) tensor, got shape {tuple(x.shape)}")
+        check_image(x, self, self.norm1.normalized_shape[0])
         if self.pos_embed is not None:
             x = x + self.pos_embed(x)
         x = x.permute(0, 2, 3, 1)  # (N, H, W, C)

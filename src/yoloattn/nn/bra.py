@@ -15,7 +15,7 @@ state_dict keys. Differences from that code, all deliberate:
   runs route like fp32 runs;
 - with ``ret_attn_mask=True`` the first output is NCHW like the usual output (the seed
   returned it NHWC);
-- the default fast path never builds the attention matrix (see :mod:`yoloattn.nn.backend`).
+- the default backends never build the attention matrix (see :mod:`yoloattn.nn.functional.routed_attention`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional.routed_attention import routed_attention
+from ._checks import check_image, choice, flag, odd_kernel, positive_int, real
+from .functional.routed_attention import ROUTED_ATTENTION, routed_attention
 
 __all__ = ["BiLevelRoutingAttention", "TopkRouting", "QKVLinear"]
 
@@ -49,9 +50,22 @@ class TopkRouting(nn.Module):
         super().__init__()
         self.topk = topk
         self.qk_dim = qk_dim
-        self.scale = qk_scale or qk_dim**-0.5
+        self.scale = qk_dim**-0.5 if qk_scale is None else float(qk_scale)
         self.diff_routing = diff_routing
         self.emb = nn.Linear(qk_dim, qk_dim) if param_routing else nn.Identity()
+
+    def logits(self, query: Tensor, key: Tensor) -> Tensor:
+        """Region-to-region affinities: (N, P, Cqk) window queries and keys -> (N, P, P) fp32 logits."""
+        if not self.diff_routing:
+            query, key = query.detach(), key.detach()
+        # Route in (at least) fp32: bf16 logits tie or reorder and change which windows are kept.
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            query, key = query.to(dtype), key.to(dtype)
+            if isinstance(self.emb, nn.Linear):
+                weight, bias = self.emb.weight.to(dtype), self.emb.bias.to(dtype)
+                query, key = F.linear(query, weight, bias), F.linear(key, weight, bias)
+            return (query * self.scale) @ key.transpose(-2, -1)  # (N, P, P)
 
     def forward(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
         """Route windows.
@@ -64,18 +78,8 @@ class TopkRouting(nn.Module):
             r_weight: (N, P, topk) softmax of the kept logits, fp32.
             r_idx: (N, P, topk) int64 indices of the kept key windows.
         """
-        if not self.diff_routing:
-            query, key = query.detach(), key.detach()
-        # Route in (at least) fp32: bf16 logits tie or reorder and change which windows are kept.
-        dtype = torch.promote_types(query.dtype, torch.float32)
+        logits = self.logits(query, key)
         with torch.autocast(device_type=query.device.type, enabled=False):
-            query, key = query.to(dtype), key.to(dtype)
-            if isinstance(self.emb, nn.Linear):
-                weight, bias = self.emb.weight.to(dtype), self.emb.bias.to(dtype)
-                query_hat, key_hat = F.linear(query, weight, bias), F.linear(key, weight, bias)
-            else:
-                query_hat, key_hat = query, key
-            logits = (query_hat * self.scale) @ key_hat.transpose(-2, -1)  # (N, P, P)
             topk_logits, r_idx = torch.topk(logits, k=self.topk, dim=-1)  # (N, P, topk)
             r_weight = torch.softmax(topk_logits, dim=-1)
         return r_weight, r_idx
@@ -96,20 +100,6 @@ class QKVLinear(nn.Module):
         return q, kv
 
 
-def _odd_kernel(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (value > 0 and value % 2 == 0):
-        raise ValueError(f"{name} must be 0 (off) or an odd kernel size, got {value!r}")
-
-
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
-
 def _tiles(x: Tensor, n_win: int) -> Tensor:
     """(N, H, W, C) -> (N, n_win, n_win, h, w, C) view of its windows, h = H / n_win, w = W / n_win."""
     n, height, width, c = x.shape
@@ -121,12 +111,6 @@ def _tile_means(x: Tensor) -> Tensor:
     """(N, Py, Px, h, w, C) tiles -> (N, Py·Px, C) means (one reduction at a time: several times faster)."""
     n, py, px, h, w, c = x.shape
     return (x.sum(4).sum(3) / (h * w)).reshape(n, py * px, c)
-
-
-def _untile(x: Tensor) -> Tensor:
-    """(N, n_win, n_win, h, w, C) -> (N, H, W, C), the inverse of :func:`_tiles` (a view for image tiles)."""
-    n, py, px, h, w, c = x.shape
-    return x.transpose(2, 3).reshape(n, py * h, px * w, c)
 
 
 class BiLevelRoutingAttention(nn.Module):
@@ -151,7 +135,8 @@ class BiLevelRoutingAttention(nn.Module):
         side_dwconv: kernel of the depthwise LePE conv on the values; 0 turns it off.
         auto_pad: zero-pad H and W up to multiples of ``n_win`` (and crop the output);
             without it, H and W must be multiples of ``n_win``.
-        backend: per-layer override of :mod:`yoloattn.nn.backend` (``None`` follows it).
+        backend: a backend of :data:`~yoloattn.nn.functional.ROUTED_ATTENTION` for this layer
+            (``'cpu'``, ``'sdpa'``, ``'reference'``, ``'auto'``); ``None`` follows :mod:`yoloattn.nn.backends`.
     """
 
     def __init__(self, dim: int, n_win: int = 7, num_heads: int = 8, qk_dim: int | None = None,
@@ -162,9 +147,14 @@ class BiLevelRoutingAttention(nn.Module):
                  backend: str | None = None):
         super().__init__()
         for name, value in (("dim", dim), ("n_win", n_win), ("num_heads", num_heads)):
-            _positive_int(name, value)
-        qk_dim = qk_dim or dim
-        _positive_int("qk_dim", qk_dim)
+            positive_int(name, value)
+        qk_dim = positive_int("qk_dim", dim if qk_dim is None else qk_dim)
+        if qk_scale is not None and real("qk_scale", qk_scale) <= 0:
+            raise ValueError(f"qk_scale must be a positive number or None (qk_dim ** -0.5), got {qk_scale!r}")
+        for name, value in (("param_routing", param_routing), ("diff_routing", diff_routing),
+                            ("soft_routing", soft_routing), ("auto_pad", auto_pad)):
+            flag(name, value)
+        ROUTED_ATTENTION.check_name(backend)
         if dim % num_heads or qk_dim % num_heads:
             raise ValueError(f"dim={dim} and qk_dim={qk_dim} must both be divisible by num_heads={num_heads}")
         if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= n_win * n_win:
@@ -174,23 +164,22 @@ class BiLevelRoutingAttention(nn.Module):
         if diff_routing and not soft_routing:
             raise ValueError("diff_routing=True needs soft_routing=True: hard differentiable routing is not "
                              "defined in BiFormer (it raised NotImplementedError at forward time)")
-        if param_attention not in PARAM_ATTENTION_MODES:
-            raise ValueError(f"param_attention must be one of {PARAM_ATTENTION_MODES}, got {param_attention!r}")
+        choice("param_attention", param_attention, PARAM_ATTENTION_MODES)
         if kv_downsample_mode not in KV_DOWNSAMPLE_MODES:
             extra = " ('fracpool' and 'conv' were never implemented in BiFormer)" if kv_downsample_mode in (
                 "fracpool", "conv") else ""
             raise ValueError(f"kv_downsample_mode must be one of {KV_DOWNSAMPLE_MODES}, got {kv_downsample_mode!r}{extra}")
         if kv_downsample_mode.startswith("ada_"):
-            _positive_int("kv_per_win", kv_per_win)
+            positive_int("kv_per_win", kv_per_win)
         if kv_downsample_mode in ("avgpool", "maxpool"):
-            _positive_int("kv_downsample_ratio", kv_downsample_ratio)
-        _odd_kernel("side_dwconv", side_dwconv)
+            positive_int("kv_downsample_ratio", kv_downsample_ratio)
+        odd_kernel("side_dwconv", side_dwconv)
 
         self.dim = dim
         self.n_win = n_win
         self.num_heads = num_heads
         self.qk_dim = qk_dim
-        self.scale = qk_scale or qk_dim**-0.5
+        self.scale = qk_dim**-0.5 if qk_scale is None else float(qk_scale)
         self.topk = topk
         self.param_routing = param_routing
         self.diff_routing = diff_routing
@@ -228,16 +217,27 @@ class BiLevelRoutingAttention(nn.Module):
                 f"auto_pad={self.auto_pad}")
 
     def _pool_kv(self, kv: Tensor) -> Tensor:
-        """(N, n_win, n_win, h, w, C) tiles of keys/values -> the same tiles, or (N, P, Lkv, C) pooled windows."""
+        """(N, n_win, n_win, h, w, C) tiles of keys/values -> the same, or the pooled (N, n_win, n_win, h', w', C)."""
         if isinstance(self.kv_down, nn.Identity):
             return kv
         n, py, px, h, w, c = kv.shape
-        p = py * px
         if self.kv_downsample_mode in ("avgpool", "maxpool") and (h < self.kv_downsample_ratio or w < self.kv_downsample_ratio):
             raise ValueError(f"kv_downsample_ratio={self.kv_downsample_ratio} is larger than the {h}x{w} windows of "
                              f"this input; use a larger input, a smaller n_win={self.n_win} or a smaller ratio")
-        pooled = self.kv_down(kv.reshape(n * p, h, w, c).permute(0, 3, 1, 2))  # (N·P, C, h', w')
-        return pooled.flatten(2).transpose(1, 2).reshape(n, p, -1, c)
+        pooled = self.kv_down(kv.reshape(n * py * px, h, w, c).permute(0, 3, 1, 2))  # (N·P, C, h', w')
+        return pooled.permute(0, 2, 3, 1).reshape(n, py, px, *pooled.shape[2:], c)
+
+    def routing(self, x: Tensor) -> Tensor:
+        """The router's region-to-region logits for an NCHW input: (N, n_win², n_win²), fp32; row p holds query
+        window p's affinity to every key window (windows numbered row-major over the padded map). The layer
+        routes each query window to the ``topk`` largest of its row."""
+        check_image(x, self, self.dim)
+        x = x.permute(0, 2, 3, 1)
+        h_in, w_in = x.shape[1], x.shape[2]
+        x = F.pad(x, (0, 0, 0, (-w_in) % self.n_win, 0, (-h_in) % self.n_win))
+        q_img, kv_img = self.qkv(x)
+        k_img = kv_img[..., :self.qk_dim]
+        return self.router.logits(_tile_means(_tiles(q_img, self.n_win)), _tile_means(_tiles(k_img, self.n_win)))
 
     def forward_nhwc(self, x: Tensor, ret_attn_mask: bool = False):
         """BRA on a channels-last map.
@@ -250,22 +250,19 @@ class BiLevelRoutingAttention(nn.Module):
             (N, H, W, C), or ``(out, r_weight, r_idx, attn)`` with r_weight/r_idx (N, n_win², topk) and
             attn (N·n_win², num_heads, h·w, topk·Lkv).
         """
-        if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"expected a (N, H, W, {self.dim}) tensor, got shape {tuple(x.shape)}")
+        check_image(x, self, self.dim, layout="NHWC")
         n, h_in, w_in, _ = x.shape
         n_win = self.n_win
-        if self.auto_pad:
-            pad_r = (n_win - w_in % n_win) % n_win
-            pad_b = (n_win - h_in % n_win) % n_win
-            # a traced graph must keep the pad and the crop, whatever the example size
-            if pad_r or pad_b or _tracing():
-                x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        elif h_in % n_win or w_in % n_win:
+        if not self.auto_pad and (h_in % n_win or w_in % n_win):
             raise ValueError(f"auto_pad=False needs H and W divisible by n_win={n_win}, got input of shape "
                              f"(N, H, W, C)={tuple(x.shape)}; set auto_pad=True or resize the input")
+        # zero-pad to whole windows (a no-op pad when divisible keeps one graph for every input size)
+        # (-size) % n_win: non-negative by construction, also for torch.export's symbolic sizes
+        pad_b, pad_r = (-h_in) % n_win, (-w_in) % n_win
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         # Project the image once and cut the projections into windows as strided views (no copies): the CPU
-        # kernel reads the tiles in place; the other paths copy them into window blocks.
-        q_img, kv_img = self.qkv(x)  # (N, H, W, Cqk), (N, H, W, Cqk + C)
+        # kernel reads the tiles in place; the other backends copy them into window blocks.
+        q_img, kv_img = self.qkv(x)  # (N, H', W', Cqk), (N, H', W', Cqk + C)
         # split, not slicing: the backward of a slice writes a zero tensor of the full size
         k_img, v_img = kv_img.split([self.qk_dim, self.dim], dim=-1)
         # LePE on the values, in the padded image layout like BiFormer; a channels-last copy, so the conv runs
@@ -273,25 +270,22 @@ class BiLevelRoutingAttention(nn.Module):
         lepe = None
         if self.lepe is not None:
             lepe = self.lepe(v_img.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
-            lepe = lepe.permute(0, 2, 3, 1)[:, :h_in, :w_in]  # (N, H_in, W_in, C)
+            # cropped by a negative pad, not a slice: a slice's contiguity would depend on whether the input
+            # was padded, which torch.export would then fix for every input size
+            lepe = F.pad(lepe.permute(0, 2, 3, 1), (0, 0, 0, -pad_r, 0, -pad_b))  # (N, H, W, C)
         q_win, k_win = _tiles(q_img, n_win), _tiles(k_img, n_win)  # (N, n_win, n_win, h, w, C)
         r_weight, r_idx = self.router(_tile_means(q_win), _tile_means(k_win))  # window means (N, P, Cqk)
-
-        # Only the queries of the unpadded image are wanted: the CPU kernel skips the padded ones and writes the
-        # cropped image. A traced graph keeps them and crops below, as its sizes must follow the input.
-        padded = q_img.shape[1] != h_in or q_img.shape[2] != w_in
-        crop_here = _tracing() or not padded
+        # only the queries of the unpadded image: the output is its (N, H, W, C) image
         result = routed_attention(
             q_win, self._pool_kv(_tiles(kv_img, n_win)), r_idx, r_weight if self.soft_routing else None,
-            num_heads=self.num_heads, qk_dim=self.qk_dim, scale=self.scale, return_attn=ret_attn_mask,
-            valid_hw=None if crop_here else (h_in, w_in), backend=self.backend)
+            num_heads=self.num_heads, scale=self.scale, valid_hw=(h_in, w_in), return_attn=ret_attn_mask,
+            backend=self.backend)
         out, attn = result if ret_attn_mask else (result, None)
-        if crop_here:
-            out = _untile(out)[:, :h_in, :w_in]  # (N, H_in, W_in, C)
         if lepe is not None:
-            # in place where nothing needs the attention output for a backward (and no graph is recorded)
-            out = out.add_(lepe) if not (torch.is_grad_enabled() or _tracing()) else out + lepe
-        out = self.wo(out)  # (N, H_in, W_in, C)
+            # in place where nothing needs the attention output for a backward and the op returned a fresh tensor
+            in_place = not torch.is_grad_enabled() and out.is_contiguous() and not torch.jit.is_tracing()
+            out = out.add_(lepe) if in_place else out + lepe
+        out = self.wo(out)  # (N, H, W, C)
         if ret_attn_mask:
             return out, r_weight, r_idx, attn
         return out
@@ -306,8 +300,7 @@ class BiLevelRoutingAttention(nn.Module):
         Returns:
             (N, C, H, W), or ``(out, r_weight, r_idx, attn)`` with ``out`` NCHW.
         """
-        if x.dim() != 4 or x.shape[1] != self.dim:
-            raise ValueError(f"expected a (N, {self.dim}, H, W) tensor, got shape {tuple(x.shape)}")
+        check_image(x, self, self.dim)
         result = self.forward_nhwc(x.permute(0, 2, 3, 1), ret_attn_mask)
         if ret_attn_mask:
             out, r_weight, r_idx, attn = result

@@ -36,10 +36,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import resolve_backend
-from .bra import _positive_int
+from ._checks import check_image, flag, in_range, positive_int, real
+from .backends import Op
 
-__all__ = ["DAttention", "DAttentionBaseline", "LayerNormProxy"]
+__all__ = ["DEFORMABLE_ATTENTION", "DAttention", "DAttentionBaseline", "LayerNormProxy"]
+
+# backends: 'fused' (grids in grid_sample's order, the bias inside the q·k product) and 'reference' (DAT's math)
+DEFORMABLE_ATTENTION = Op("deformable_attention")
 
 
 class LayerNormProxy(nn.Module):
@@ -107,7 +110,14 @@ class DAttentionBaseline(nn.Module):
         super().__init__()
         for name, value in (("n_heads", n_heads), ("n_head_channels", n_head_channels), ("n_groups", n_groups),
                             ("stride", stride), ("ksize", ksize)):
-            _positive_int(name, value)
+            positive_int(name, value)
+        for name, value in (("use_pe", use_pe), ("dwc_pe", dwc_pe), ("no_off", no_off), ("fixed_pe", fixed_pe),
+                            ("log_cpb", log_cpb)):
+            flag(name, value)
+        offset_range_factor = real("offset_range_factor", offset_range_factor)
+        in_range("attn_drop", attn_drop, 0.0, 1.0, high_open=True)
+        in_range("proj_drop", proj_drop, 0.0, 1.0, high_open=True)
+        DEFORMABLE_ATTENTION.check_name(backend)
         if not (isinstance(q_size, (tuple, list)) and len(q_size) == 2 and all(isinstance(s, int) and s > 0 for s in q_size)):
             raise ValueError(f"q_size must be a pair of positive integers (H, W), got {q_size!r}")
         if n_heads % n_groups:
@@ -209,17 +219,12 @@ class DAttentionBaseline(nn.Module):
 
     def forward(self, x: Tensor):
         """x: (N, C, H, W) -> (y, pos, reference), see the class docstring."""
-        if x.dim() != 4 or x.shape[1] != self.nc:
-            raise ValueError(f"expected a (N, {self.nc}, H, W) tensor, got shape {tuple(x.shape)}")
+        check_image(x, self, self.nc)
         b, c, h, w = x.shape
         if self.fixed_pe and self.rpe_table is not None and (h, w) != (self.q_h, self.q_w):
             raise ValueError(f"fixed_pe tables are built for q_size={(self.q_h, self.q_w)}; got an input of size "
                              f"{(h, w)}. Use the default position table (resolution-free) or resize the input.")
-        if resolve_backend("deformable_attention", None, self.backend) == "fast":
-            q = _pointwise(self.proj_q, x)
-            return self._forward_fast(x, q, self._offsets(q))
-        q = self.proj_q(x)
-        return self._forward_reference(x, q, self._offsets(q))
+        return DEFORMABLE_ATTENTION(self, x, backend=self.backend)
 
     # -- reference: DAT's math in DAT's (y, x) order ----------------------------------------------------------
     def _forward_reference(self, x: Tensor, q: Tensor, offset: Tensor):
@@ -340,6 +345,20 @@ class DAttentionBaseline(nn.Module):
                 reference_xy.flip(-1).expand(bg, -1, -1, -1).reshape(b, self.n_groups, hk, wk, 2))
 
 
+def _fused(layer: DAttentionBaseline, x: Tensor):
+    q = _pointwise(layer.proj_q, x)
+    return layer._forward_fast(x, q, layer._offsets(q))
+
+
+def _reference(layer: DAttentionBaseline, x: Tensor):
+    q = layer.proj_q(x)
+    return layer._forward_reference(x, q, layer._offsets(q))
+
+
+DEFORMABLE_ATTENTION.register("fused")(_fused)
+DEFORMABLE_ATTENTION.register("reference")(_reference)
+
+
 def _bias_split(bg: int, hw) -> int:
     """Query chunks for the bias ``grid_sample``: its CPU kernel runs one thread per sample, so with fewer
     samples (batch x groups) than threads the queries are split into that many samples."""
@@ -399,20 +418,20 @@ class DAttention(DAttentionBaseline):
     def __init__(self, c1: int, n_heads: int | None = None, n_groups: int | None = None, stride: int = 8,
                  ksize: int | None = None, offset_range_factor: float = -1, pe: str = "table", pe_size: int = 20,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, residual: bool = True, *, backend: str | None = None):
-        _positive_int("c1", c1)
-        n_heads = n_heads or max(1, c1 // 32)
-        _positive_int("n_heads", n_heads)
+        positive_int("c1", c1)
+        n_heads = positive_int("n_heads", max(1, c1 // 32) if n_heads is None else n_heads)
         if c1 % n_heads:
             raise ValueError(f"c1={c1} channels must be divisible by n_heads={n_heads}")
         if pe not in self.PE_MODES:
             raise ValueError(f"pe must be one of {self.PE_MODES}, got {pe!r}")
-        _positive_int("pe_size", pe_size)
-        _positive_int("stride", stride)
+        positive_int("pe_size", pe_size)
+        positive_int("stride", stride)
+        flag("residual", residual)
         super().__init__(q_size=(pe_size, pe_size), kv_size=None, n_heads=n_heads, n_head_channels=c1 // n_heads,
-                         n_groups=n_groups or _default_groups(n_heads), attn_drop=attn_drop, proj_drop=proj_drop,
-                         stride=stride, offset_range_factor=offset_range_factor, use_pe=pe != "none",
-                         dwc_pe=pe == "dwc", no_off=False, fixed_pe=False, ksize=ksize or stride + 1,
-                         log_cpb=pe == "log_cpb", backend=backend)
+                         n_groups=_default_groups(n_heads) if n_groups is None else n_groups, attn_drop=attn_drop,
+                         proj_drop=proj_drop, stride=stride, offset_range_factor=offset_range_factor,
+                         use_pe=pe != "none", dwc_pe=pe == "dwc", no_off=False, fixed_pe=False,
+                         ksize=stride + 1 if ksize is None else ksize, log_cpb=pe == "log_cpb", backend=backend)
         self.residual = residual
         # Start from the regular grid: with DAT's default init the shared offset conv moves every point the
         # same way, often to an image edge, before any training (see `yoloattn visualize` on an untrained model).

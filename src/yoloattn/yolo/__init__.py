@@ -1,15 +1,26 @@
-"""Ultralytics integration: YAML layers, registration, the YOLO class, offline settings, the CLI."""
+"""Ultralytics integration: YAML layers, registration, the YOLO class, checkpoints, offline settings, the CLI.
 
-from .model import YOLO, YOLOv10, resolve_data, resolve_model, shipped_models, transfer_weights
-from .register import register, registered_layers
+Importing this package imports nothing of Ultralytics; its submodules do, as they are used.
+"""
 
-__all__ = [
-    "YOLO",
-    "YOLOv10",
-    "register",
-    "registered_layers",
-    "resolve_data",
-    "resolve_model",
-    "shipped_models",
-    "transfer_weights",
-]
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "YOLO": "model",
+    "YOLOv10": "model",
+    "resolve_data": "model",
+    "resolve_model": "model",
+    "shipped_models": "model",
+    "transfer_weights": "model",
+    "register": "register",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'yoloattn.yolo' has no attribute {name!r}")

@@ -1,23 +1,41 @@
 """``yoloattn ablate``: train several models with identical settings and seeds, and compare them fairly.
 
-One run proves nothing (BiFormer issue #23: BRA in YOLOv5s, no gain). Every model is trained with
-the same arguments once per seed; the table reports mean ± std over seeds of mAP50 and mAP50-95,
-with params, GFLOPs at imgsz, latency on the device used and train time. Finished runs are not
-redone, so an interrupted ablation continues where it stopped.
+One run proves nothing. Every model is trained with the same arguments once per seed, and the report is
+built to survive a skeptical reviewer:
 
-Outputs in ``project/name`` (default ``runs/ablate``): ``results.csv`` (one row per run),
-``results.md`` (per model), ``map_vs_latency.png`` and ``map_curves.png``.
+- **No selection on the reported split.** Each run's *final-epoch* validation metrics are the figures
+  compared (the best epoch, picked on that same split, is shown next to them but never used for the
+  verdict); with ``split=test`` the final weights are also evaluated on the data's test split, and those
+  figures are compared instead.
+- **Paired differences.** For every model against the first (the baseline), over the seeds both have:
+  the mean difference in mAP50-95 and mAP50 with a 95% confidence interval from the paired t
+  distribution (n - 1 degrees of freedom), and a plain verdict: "better" or "worse" when the interval
+  excludes 0, else "no difference detected with N seeds".
+- **Stability shown.** A run is flagged "not converged" when its validation mAP50-95 was still rising at
+  the end (the least-squares slope over its last quarter of epochs, at least 3, would add more than 10% of
+  the final value over that window) and "unstable" when its final mAP50-95 is more than 20% below its own
+  best (and at least 0.01 lower): a larger drop than seed-to-seed spread usually is, so its best epoch
+  would misrepresent it. The curves plot marks each run's best and final points.
+- **Honest reuse.** A finished run is reused only when its whole configuration matches: model, data (its
+  YAML and its files' names and sizes), seed, every train argument, and the yoloattn, Ultralytics and
+  PyTorch versions. The hash of that configuration is part of the run's folder name; the table says which
+  rows were reused.
+
+Outputs in ``project/name`` (default ``runs/ablate/<data>``): ``results.csv`` (one row per run),
+``results.md`` (per model, with the paired comparison), ``map_vs_latency.png`` and ``map_curves.png``.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import math
 import statistics
 import time
 from pathlib import Path
 
-__all__ = ["ABLATE_DEFAULTS", "ablate"]
+__all__ = ["ABLATE_DEFAULTS", "ablate", "compare", "run_flags"]
 
 # Defaults: the built-in data, the three layouts, two seeds, about 10 minutes on 2 CPU cores.
 ABLATE_DEFAULTS = {
@@ -33,8 +51,11 @@ ABLATE_DEFAULTS = {
     "close_mosaic": 2,
     "project": "runs/ablate",
     "name": "",
+    "split": "val",
 }
-_OWN_KEYS = ("models", "seeds", "project", "name")
+_OWN_KEYS = ("models", "seeds", "project", "name", "split")
+NOT_CONVERGED_GAIN = 0.10  # relative gain over the last quarter of epochs that counts as "still rising"
+UNSTABLE_DROP = 0.20  # relative drop of the final below the best that counts as "unstable"
 
 
 def _listify(value) -> list[str]:
@@ -47,7 +68,7 @@ def _stem(model: str) -> str:
     return Path(model).name.rsplit(".", 1)[0]
 
 
-def latency_ms(model, imgsz: int, device, reps: int = 20) -> float:
+def latency_ms(model, imgsz: int, device) -> float:
     """Median batch-1 forward time of a fused, eval-mode copy of ``model`` at ``imgsz`` on ``device``."""
     import copy
 
@@ -60,136 +81,297 @@ def latency_ms(model, imgsz: int, device, reps: int = 20) -> float:
         net = net.fuse(verbose=False) if "verbose" in net.fuse.__code__.co_varnames else net.fuse()
     x = torch.zeros(1, 3, imgsz, imgsz, device=device)
     with torch.no_grad():
-        return median_ms(lambda: net(x), torch.device(device), budget_s=2.0, min_reps=5, max_reps=reps)
+        return median_ms(lambda: net(x), torch.device(device), rounds=7, reps=3, budget_s=3.0)
 
 
-def _run_one(model_name: str, seed: int, run_dir: Path, train_args: dict) -> dict:
-    """Train one (model, seed) run, or read it back if it finished before."""
+def _data_fingerprint(data_yaml: str) -> str:
+    """A hash of the data YAML and of the names and sizes of the files of its splits (cheap: no reading)."""
+    import yaml
+
+    path = Path(data_yaml)
+    digest = hashlib.sha256()
+    if not path.is_file():
+        return f"unresolved:{data_yaml}"  # an Ultralytics dataset name: its files are Ultralytics' business
+    text = path.read_text()
+    digest.update(text.encode())
+    cfg = yaml.safe_load(text) or {}
+    root = Path(cfg.get("path") or path.parent)
+    if not root.is_absolute():
+        root = path.parent / root
+    for split in ("train", "val", "test"):
+        for entry in _listify(cfg.get(split) or []):
+            folder = root / entry
+            files = sorted(folder.rglob("*")) if folder.is_dir() else [folder] if folder.is_file() else []
+            for f in files:
+                if f.is_file() and f.suffix != ".cache":
+                    digest.update(f"{f.relative_to(root)}:{f.stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _versions() -> dict:
+    import torch
+
+    from .. import __version__
+    from .compat import installed_version
+
+    return {"yoloattn": __version__, "ultralytics": installed_version(), "torch": torch.__version__}
+
+
+def run_config(model_name: str, seed: int, train_args: dict, split: str) -> dict:
+    """Everything that decides a run's result: what a reused run must match."""
+    return {"model": model_name, "seed": seed, "data": str(train_args["data"]),
+            "data_fingerprint": _data_fingerprint(str(train_args["data"])), "split": split,
+            "train_args": {k: v for k, v in sorted(train_args.items()) if k != "data"}, "versions": _versions()}
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _epoch_table(run_dir: Path) -> list[dict]:
+    path = run_dir / "results.csv"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _curve(rows: list[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+
+
+def run_flags(curve: list[float]) -> list[str]:
+    """"not converged" / "unstable" for one run's per-epoch validation mAP50-95 (see the module docstring)."""
+    flags = []
+    if len(curve) >= 3:
+        window = max(3, math.ceil(len(curve) / 4))
+        ys = curve[-window:]
+        xs = range(window)
+        mean_x, mean_y = (window - 1) / 2, statistics.fmean(ys)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+        if slope * window > NOT_CONVERGED_GAIN * max(curve[-1], 1e-9):
+            flags.append("not converged")
+    if curve:
+        best, final = max(curve), curve[-1]
+        if final < (1 - UNSTABLE_DROP) * best and best - final >= 0.01:
+            flags.append("unstable")
+    return flags
+
+
+def _t_quantile(p: float, dof: int) -> float:
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(p, dof))
+    except ImportError:  # Ultralytics installs scipy; this fallback covers a bare environment (normal approximation)
+        from statistics import NormalDist
+
+        return NormalDist().inv_cdf(p)
+
+
+def compare(baseline: dict[int, float], other: dict[int, float], confidence: float = 0.95) -> dict:
+    """Paired comparison of two models over the seeds both have.
+
+    Args:
+        baseline, other: seed -> metric.
+        confidence: of the interval.
+
+    Returns:
+        ``n``, ``mean`` (other - baseline), ``low``/``high`` (the paired t interval; None below 2 seeds) and
+        ``verdict`` ("better", "worse", or "no difference detected with N seeds").
+    """
+    seeds = sorted(set(baseline) & set(other))
+    diffs = [other[s] - baseline[s] for s in seeds]
+    n = len(diffs)
+    if n == 0:
+        return {"n": 0, "mean": None, "low": None, "high": None, "verdict": "no common seeds"}
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return {"n": 1, "mean": mean, "low": None, "high": None,
+                "verdict": "one seed: no interval (use seeds=0,1,2 or more)"}
+    sd = statistics.stdev(diffs)
+    half = _t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    low, high = mean - half, mean + half
+    verdict = ("better" if low > 0 else "worse" if high < 0 else f"no difference detected with {n} seeds")
+    return {"n": n, "mean": mean, "low": low, "high": high, "verdict": verdict}
+
+
+def _run_one(model_name: str, seed: int, out: Path, train_args: dict, split: str) -> dict:
+    """Train one (model, seed) run, or read it back if a run with the same whole configuration finished."""
     from ultralytics.utils.torch_utils import get_flops
 
     from .model import YOLO
 
+    config = run_config(model_name, seed, train_args, split)
+    run_dir = out / f"{_stem(model_name)}-seed{seed}-{config_hash(config)}"
     record = run_dir / "ablate.json"
     if record.exists():
-        return json.loads(record.read_text())
+        try:
+            result = json.loads(record.read_text())
+            if result.get("config") == json.loads(json.dumps(config, default=str)):
+                return {**result, "reused": True}
+        except (OSError, ValueError):
+            pass  # a damaged record: train again
     model = YOLO(model_name)
     start = time.perf_counter()
-    model.train(**train_args, seed=seed, deterministic=True, project=str(run_dir.parent), name=run_dir.name,
-                exist_ok=True)
+    model.train(**train_args, seed=seed, deterministic=True, project=str(out), name=run_dir.name, exist_ok=True)
     train_s = time.perf_counter() - start
     if Path(model.trainer.save_dir).resolve() != run_dir.resolve():
         raise RuntimeError(f"Ultralytics saved the run to {model.trainer.save_dir}, not {run_dir}")
-    metrics = model.trainer.validator.metrics
+    epochs = _epoch_table(run_dir)
+    curve50_95, curve50 = _curve(epochs, "metrics/mAP50-95(B)"), _curve(epochs, "metrics/mAP50(B)")
+    best_i = max(range(len(curve50_95)), key=curve50_95.__getitem__) if curve50_95 else 0
     net = model.model
     imgsz = int(train_args["imgsz"])
     result = {
-        "model": model_name,
-        "seed": seed,
-        "map50": float(metrics.box.map50),
-        "map50_95": float(metrics.box.map),
+        "model": model_name, "seed": seed,
+        "final_map50": curve50[-1] if curve50 else float("nan"),
+        "final_map50_95": curve50_95[-1] if curve50_95 else float("nan"),
+        "best_map50": curve50[best_i] if curve50 else float("nan"),
+        "best_map50_95": curve50_95[best_i] if curve50_95 else float("nan"),
+        "best_epoch": best_i + 1, "epochs": len(curve50_95), "flags": run_flags(curve50_95),
         "params": int(sum(p.numel() for p in net.parameters())),
         "gflops": float(get_flops(net, imgsz)),
         "latency_ms": latency_ms(net, imgsz, model.trainer.device),
-        "device": str(model.trainer.device),
-        "train_s": train_s,
-        "run_dir": str(run_dir),
+        "device": str(model.trainer.device), "train_s": train_s,
+        "epoch_s": train_s / max(len(curve50_95), 1), "run_dir": str(run_dir), "config": config,
     }
-    record.write_text(json.dumps(result, indent=2))  # written last: its presence means "finished"
-    return result
+    if split == "test":
+        last = YOLO(str(run_dir / "weights" / "last.pt"))
+        metrics = last.val(data=train_args["data"], split="test", imgsz=imgsz, batch=train_args.get("batch", 16),
+                           plots=False, verbose=False, project=str(run_dir), name="test", exist_ok=True)
+        result.update(test_map50=float(metrics.box.map50), test_map50_95=float(metrics.box.map))
+    record.write_text(json.dumps(result, indent=2, default=str))  # written last: its presence means "finished"
+    return {**result, "reused": False}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def _metric_keys(split: str) -> tuple[str, str]:
+    return ("test_map50_95", "test_map50") if split == "test" else ("final_map50_95", "final_map50")
 
 
-def summarize(runs: list[dict], models: list[str]) -> list[dict]:
-    """Per-model aggregates (mean ± std over seeds) in the order of ``models``."""
+def summarize(runs: list[dict], models: list[str], split: str = "val") -> list[dict]:
+    """Per-model aggregates (mean ± std over seeds) and the paired comparison with the first model."""
+    key95, key50 = _metric_keys(split)
+    by_model = {m: [r for r in runs if r["model"] == m] for m in models}
+    base = {r["seed"]: r for r in by_model[models[0]]}
     rows = []
     for name in models:
-        mine = [r for r in runs if r["model"] == name]
+        mine = by_model[name]
         if not mine:
             continue
-        row = {"model": name, "seeds": len(mine)}
-        for key in ("map50", "map50_95", "latency_ms", "train_s"):
-            row[key], row[key + "_std"] = _mean_std([r[key] for r in mine])
-        row["params"], row["gflops"] = mine[0]["params"], mine[0]["gflops"]
+        row = {"model": name, "seeds": len(mine), "params": mine[0]["params"], "gflops": mine[0]["gflops"],
+               "flags": sorted({f for r in mine for f in r["flags"]}), "reused": sum(r["reused"] for r in mine)}
+        for key in (key95, key50, "best_map50_95", "best_map50", "latency_ms", "epoch_s"):
+            values = [r[key] for r in mine]
+            row[key] = statistics.fmean(values)
+            row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        if name != models[0]:
+            row["vs_first_map50_95"] = compare({s: r[key95] for s, r in base.items()}, {r["seed"]: r[key95] for r in mine})
+            row["vs_first_map50"] = compare({s: r[key50] for s, r in base.items()}, {r["seed"]: r[key50] for r in mine})
         rows.append(row)
     return rows
 
 
-def _write_tables(out: Path, runs: list[dict], rows: list[dict], imgsz: int, device: str) -> str:
+def _diff_cell(c: dict | None) -> str:
+    if not c:
+        return "(baseline)"
+    if c["mean"] is None:
+        return c["verdict"]
+    if c["low"] is None:
+        return f"{c['mean']:+.4f} ({c['verdict']})"
+    return f"{c['mean']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] {c['verdict']}"
+
+
+def _write_tables(out: Path, runs: list[dict], rows: list[dict], imgsz: int, split: str) -> str:
+    fields = [k for k in runs[0] if k != "config"]
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(runs[0]))
+        writer = csv.DictWriter(f, fieldnames=[*fields, "config_hash"])
         writer.writeheader()
-        writer.writerows(runs)
-    lines = [f"# yoloattn ablation ({len(runs)} runs, imgsz {imgsz}, device {device})", "",
-             "| model | seeds | mAP50 | mAP50-95 | params (M) | GFLOPs @imgsz | latency ms | train time s |",
-             "|---|---|---|---|---|---|---|---|"]
+        for r in runs:
+            writer.writerow({**{k: (";".join(r[k]) if k == "flags" else r[k]) for k in fields},
+                             "config_hash": config_hash(r["config"])})
+    key95, key50 = _metric_keys(split)
+    which = "test split, final weights" if split == "test" else "final epoch, val split"
+    lines = [f"# yoloattn ablation ({len(runs)} runs, imgsz {imgsz}, device {runs[0]['device']})", "",
+             f"Compared: {which} (the best epoch, chosen on the val split, is shown but not used). Differences: "
+             f"mean over paired seeds with a 95% paired-t interval; verdicts at that level.", "",
+             f"| model | seeds | mAP50-95 ({which}) | mAP50 | best-epoch mAP50-95 | Δ mAP50-95 vs first | "
+             f"Δ mAP50 vs first | params (M) | GFLOPs @imgsz | latency ms | s / epoch | flags | reused |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['seeds']} | {r['map50']:.4f} ± {r['map50_std']:.4f} | "
-                     f"{r['map50_95']:.4f} ± {r['map50_95_std']:.4f} | {r['params'] / 1e6:.3f} | {r['gflops']:.2f} | "
-                     f"{r['latency_ms']:.1f} ± {r['latency_ms_std']:.1f} | {r['train_s']:.0f} |")
+        lines.append(
+            f"| {r['model']} | {r['seeds']} | {r[key95]:.4f} ± {r[key95 + '_std']:.4f} | {r[key50]:.4f} ± "
+            f"{r[key50 + '_std']:.4f} | {r['best_map50_95']:.4f} | {_diff_cell(r.get('vs_first_map50_95'))} | "
+            f"{_diff_cell(r.get('vs_first_map50'))} | {r['params'] / 1e6:.3f} | {r['gflops']:.2f} | "
+            f"{r['latency_ms']:.1f} ± {r['latency_ms_std']:.1f} | {r['epoch_s']:.1f} | {', '.join(r['flags']) or '—'} | "
+            f"{r['reused']}/{r['seeds']} |")
+    lines += ["", "Per run:", "", "| model | seed | final mAP50-95 | best mAP50-95 (epoch) | flags | run |",
+              "|---|---|---|---|---|---|"]
+    for r in runs:
+        where = ("reused: " if r["reused"] else "trained: ") + r["run_dir"]
+        lines.append(f"| {r['model']} | {r['seed']} | {r['final_map50_95']:.4f} | {r['best_map50_95']:.4f} "
+                     f"({r['best_epoch']}/{r['epochs']}) | {', '.join(r['flags']) or '—'} | {where} |")
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
 
 
-def _epoch_curves(run_dir: Path) -> list[float]:
-    path = run_dir / "results.csv"
-    if not path.exists():
-        return []
-    with open(path) as f:
-        reader = csv.DictReader(f)
-        return [float(row["metrics/mAP50-95(B)"]) for row in reader if row.get("metrics/mAP50-95(B)")]
-
-
-def _plots(out: Path, runs: list[dict], rows: list[dict]) -> list[Path]:
+def _plots(out: Path, runs: list[dict], rows: list[dict], split: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def save(fig, ax, name: str, xlabel: str, ylabel: str, title: str) -> Path:
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / name)
-        plt.close(fig)
-        return out / name
+    from .._plots import save
 
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    for r in rows:
-        ax.errorbar(r["latency_ms"], r["map50_95"], xerr=r["latency_ms_std"], yerr=r["map50_95_std"], fmt="o",
-                    capsize=4, label=f"{r['model']} ({r['seeds']} seeds)")
-        ax.annotate(_stem(r["model"]), (r["latency_ms"], r["map50_95"]), textcoords="offset points", xytext=(5, 5))
-    scatter = save(fig, ax, "map_vs_latency.png", f"latency, ms (batch 1, {runs[0]['device']})",
-                   "mAP50-95 (mean ± std over seeds)", "accuracy vs latency")
+    key95, _ = _metric_keys(split)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, r in enumerate(rows):
+        label = f"{_stem(r['model'])} ({r['seeds']} seed{'s' if r['seeds'] != 1 else ''})"
+        ax.errorbar(r["latency_ms"], r[key95], xerr=r["latency_ms_std"], yerr=r[key95 + "_std"], fmt="o", capsize=4,
+                    color=f"C{i}", label=label)
+        ax.annotate(_stem(r["model"]), (r["latency_ms"], r[key95]), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    ax.set_xlabel(f"latency, ms (batch 1, {runs[0]['device']})")
+    ax.set_ylabel("mAP50-95 (final epoch; mean ± std over seeds)")
+    ax.set_title("accuracy vs latency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    scatter = save(fig, out / "map_vs_latency.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 5))
     for i, r in enumerate(rows):
         colour = f"C{i}"
-        curves = [c for c in (_epoch_curves(Path(run["run_dir"])) for run in runs if run["model"] == r["model"]) if c]
-        for c in curves:
-            ax.plot(range(1, len(c) + 1), c, color=colour, alpha=0.3, lw=1)
-        if curves:
-            length = min(len(c) for c in curves)
-            mean = [statistics.fmean(c[e] for c in curves) for e in range(length)]
-            ax.plot(range(1, length + 1), mean, color=colour, lw=2, marker="o", label=_stem(r["model"]))
-    curves_png = save(fig, ax, "map_curves.png", "epoch", "val mAP50-95",
-                      "per-epoch mAP (thin: single seeds, thick: mean)")
-    return [scatter, curves_png]
+        for run in (run for run in runs if run["model"] == r["model"]):
+            curve = _curve(_epoch_table(Path(run["run_dir"])), "metrics/mAP50-95(B)")
+            if not curve:
+                continue
+            xs = range(1, len(curve) + 1)
+            ax.plot(xs, curve, color=colour, alpha=0.6, lw=1.2)
+            best = max(range(len(curve)), key=curve.__getitem__)
+            ax.plot(best + 1, curve[best], marker="*", color=colour, ms=9, ls="none")
+            ax.plot(len(curve), curve[-1], marker="o", color=colour, ms=5, ls="none")
+        ax.plot([], [], color=colour, label=_stem(r["model"]))
+    ax.plot([], [], marker="*", color="k", ls="none", label="best epoch")
+    ax.plot([], [], marker="o", color="k", ls="none", label="final epoch")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val mAP50-95")
+    ax.set_title("per-epoch validation mAP, one line per run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    curves = save(fig, out / "map_curves.png")
+    return [scatter, curves]
 
 
 def ablate(**kwargs) -> dict:
     """Run an ablation; every argument not listed here passes through to Ultralytics ``train``.
 
     Args:
-        models: comma-separated model YAMLs/weights (shipped short names allowed).
+        models: comma-separated model YAMLs/weights (shipped short names and Ultralytics' own YAMLs such as
+            ``yolo11n.yaml``, ``yolo12n.yaml``, ``yolo26n.yaml``); the first is the baseline.
         seeds: comma-separated integer seeds.
-        data: dataset YAML or ``'shapes'``.
+        data: dataset YAML or ``'shapes'`` (the built-in data; ``shapes-hard`` its harder level).
+        split: ``'val'`` (final-epoch validation metrics) or ``'test'`` (the final weights on the test split).
         project, name: output directory ``project/name`` (name defaults to the data's stem).
         **kwargs: Ultralytics train arguments (epochs, imgsz, batch, device, ...), the same for every run.
 
@@ -209,6 +391,11 @@ def ablate(**kwargs) -> dict:
         raise ValueError(f"seeds must be comma-separated integers, got {kwargs.get('seeds')!r}") from e
     if not models or not seeds:
         raise ValueError(f"ablate needs at least one model and one seed, got models={models} seeds={seeds}")
+    if len(set(models)) != len(models) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"ablate needs distinct models and seeds, got models={models} seeds={seeds}")
+    split = args.pop("split")
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     # absolute: Ultralytics files a relative project under its runs directory
     project, name = Path(args.pop("project")).resolve(), args.pop("name") or _stem(str(args["data"]))
     out = project / name
@@ -223,15 +410,12 @@ def ablate(**kwargs) -> dict:
     runs = []
     bar = TQDM(jobs, desc=f"yoloattn ablate: {len(models)} models x {len(seeds)} seeds", unit="run")
     for model_name, seed in bar:
-        run_dir = out / f"{_stem(model_name)}-seed{seed}"
-        done = (run_dir / "ablate.json").exists()
-        bar.set_description(f"{'reusing' if done else 'training'} {_stem(model_name)} seed {seed}")
-        runs.append(_run_one(model_name, seed, run_dir, train_args))
-    rows = summarize(runs, models)
-    table = _write_tables(out, runs, rows, int(train_args["imgsz"]), runs[0]["device"])
-    plots = _plots(out, runs, rows)
-    LOGGER.info(f"\n{table}\nResults: {out / 'results.md'}, {out / 'results.csv'}; plots: "
-                + ", ".join(str(p) for p in plots))
-    if any(r["seeds"] < 2 for r in rows):
-        LOGGER.info("yoloattn: with one seed per model the ± columns are 0; use seeds=0,1,2 or more to see the spread")
+        bar.set_description(f"{_stem(model_name)} seed {seed}")
+        runs.append(_run_one(model_name, seed, out, train_args, split))
+    rows = summarize(runs, models, split)
+    table = _write_tables(out, runs, rows, int(train_args["imgsz"]), split)
+    plots = _plots(out, runs, rows, split)
+    reused = sum(r["reused"] for r in runs)
+    LOGGER.info(f"\n{table}\n{reused} of {len(runs)} runs reused (same configuration); results: {out / 'results.md'}, "
+                f"{out / 'results.csv'}; plots: " + ", ".join(str(p) for p in plots))
     return {"runs": runs, "summary": rows, "out": out, "plots": plots}

@@ -1,34 +1,31 @@
-"""The ``yoloattn`` command: Ultralytics' ``yolo`` with yoloattn's layers, models and data.
+"""The ``yoloattn`` command: Ultralytics' ``yolo`` with yoloattn's layers, models and data, plus tools.
 
-``yoloattn`` accepts exactly ``yolo``'s syntax (``yoloattn train model=... data=... epochs=...``,
-``val``, ``predict``, ``export``, ``info``, ``settings``, ...) and hands over to Ultralytics'
-own entry point after registering the layers. Inside it, ``model=`` names yoloattn's shipped
-YAMLs by short name (``yolov8n-bra.yaml``), ``data=shapes`` is the built-in dataset, and
-``pretrained=some.pt`` transfers every matching tensor (:func:`yoloattn.transfer_weights`).
+``yoloattn`` takes exactly ``yolo``'s syntax (``yoloattn train model=... data=... epochs=...``, ``val``,
+``predict``, ``export``, ``track``, ``benchmark``, ``settings``, ``cfg``, ``checks``) and hands over to
+Ultralytics' own entry point, which then behaves as the ``yolo`` command does (it saves predictions, prints
+"Results saved to", ...). Inside it, ``model=`` names yoloattn's shipped YAMLs by short name
+(``yolov8n-bra.yaml``), ``data=shapes`` is the built-in dataset, ``pretrained=some.pt`` transfers every
+matching tensor (:func:`yoloattn.transfer_weights`), and every checkpoint is loaded safely
+(:mod:`yoloattn.yolo.checkpoints`; ``trusted=True`` for a file you trust).
 
-With no arguments, or ``train`` without ``model=``/``data=``, it runs the main job: train
-``yolov8n-bra.yaml`` on the built-in ``shapes`` data with settings that finish in a few minutes
-on a 2-core CPU, then print the final mAP50-95.
+With no arguments, or ``train`` without ``model=``/``data=``, it runs the main job (:data:`MAIN_JOB`).
+Its own commands: ``help``, ``version``, ``ablate``, ``bench``, ``visualize``, ``info`` (see :data:`HELP`).
 
-Commands of its own:
-
-- ``yoloattn ablate models=a.yaml,b.yaml seeds=0,1,2 data=... [train args]``: a fair comparison
-  (:mod:`yoloattn.yolo.ablate`);
-- ``yoloattn bench [layers=bra,dat,conv3x3 maps=P3,P4,P5 batches=1 models=... imgsz=640 device=cpu]``:
-  speed and memory tables and a chart (:mod:`yoloattn.bench.report`);
-- ``yoloattn visualize model=best.pt source=img.jpg [point=x,y imgsz=640 out=dir]``: where BRA routes
-  and where DAT samples (:mod:`yoloattn.yolo.visualize`);
-- ``yoloattn info model=yolov8n-bra.yaml [imgsz=640 detailed=True]``: the model summary with GFLOPs at
-  ``imgsz`` and the attention layers it holds (``yolo`` has no ``info`` mode).
+A user's mistake (a bad argument, a missing file, an unknown model, a bad YAML row, a refused checkpoint)
+prints one line and exits with status 2; anything else keeps its traceback. ``YOLOATTN_DEBUG=1`` always shows
+the traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
+import traceback
+from pathlib import Path
 
-__all__ = ["MAIN_JOB", "main"]
+__all__ = ["HELP", "MAIN_JOB", "main"]
 
 # The main job: a few minutes on 2 CPU cores. Any of these can be overridden on the command line.
 MAIN_JOB = {
@@ -44,6 +41,41 @@ MAIN_JOB = {
     "plots": True,
 }
 
+HELP = """\
+yoloattn: Ultralytics' yolo command with yoloattn's attention layers, models and built-in data.
+
+  yoloattn                         the main job: train {model} on the built-in shapes data (a few minutes)
+  yoloattn help                    this help;  yoloattn version: versions and the fast CPU kernel on this machine
+
+yoloattn's own commands (key=value arguments, all optional):
+  yoloattn ablate models=yolov8n.yaml,yolov8n-bra.yaml seeds=0,1,2 data=data.yaml epochs=100
+      train every model with identical settings per seed; paired differences to the first, plots
+  yoloattn bench layers=bra,dat,conv3x3 maps=P3,P4,P5 batches=1 models=yolov8n.yaml,yolov8n-bra.yaml
+      layer and whole-model speed and memory (every backend and CPU build), with a chart
+  yoloattn visualize model=best.pt source=img.jpg point=320,240
+      where BRA routes and where DAT samples, drawn over the image
+  yoloattn info model=yolov8n-bra.yaml imgsz=640
+      layer table, parameters, GFLOPs at imgsz and the attention layers a model holds
+
+Ultralytics' modes take yolo's syntax and behave as under yolo (see `yolo help`):
+  yoloattn train model=yolov8s-bra.yaml data=data.yaml epochs=100 imgsz=640
+  yoloattn val model=best.pt data=data.yaml     yoloattn predict model=best.pt source=img.jpg
+  yoloattn export model=best.pt format=onnx     yoloattn train resume=runs/detect/train/weights/last.pt
+  model= also takes yoloattn's shipped YAMLs by short name; data=shapes is the built-in dataset;
+  pretrained=x.pt transfers every matching tensor; trusted=True loads a checkpoint without the safe check.
+
+Docs: the README of yoloattn; errors print one line (YOLOATTN_DEBUG=1 shows the traceback).
+"""
+
+_OWN_COMMANDS = ("ablate", "bench", "visualize", "info")
+# exceptions a user's mistake raises (from yoloattn's checks or Ultralytics' argument/data/file checks)
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, SyntaxError, KeyError, ImportError)
+_USER_ERROR_SOURCES = ("yoloattn", "ultralytics")
+
+
+class UsageError(ValueError):
+    """A mistake on the yoloattn command line."""
+
 
 def _key_values(args: list[str]) -> dict:
     from ultralytics.cfg import parse_key_value_pair
@@ -52,18 +84,23 @@ def _key_values(args: list[str]) -> dict:
 
 
 @contextlib.contextmanager
-def _yoloattn_yolo_class():
-    """Let Ultralytics' entry point build ``yoloattn.YOLO`` (it imports ``YOLO`` from the package)."""
+def _as_yolo_command(args: list[str]):
+    """Ultralytics' entry point builds ``yoloattn.YOLO``, and sees itself run as ``yolo`` (it checks the program
+    name, e.g. to save predictions by default)."""
     import ultralytics
+    from ultralytics.utils import ARGV
 
     from .model import YOLO
 
-    original = ultralytics.YOLO
+    saved_argv, saved_yolo = ARGV[:], ultralytics.YOLO
+    program = str(Path(ARGV[0] if ARGV and ARGV[0] else "yolo").with_name("yolo"))
+    ARGV[:] = [program, *args]  # Ultralytics reads this list (it is sys.argv)
     ultralytics.YOLO = YOLO
     try:
         yield
     finally:
-        ultralytics.YOLO = original
+        ARGV[:] = saved_argv
+        ultralytics.YOLO = saved_yolo
 
 
 def run_main_job(args: list[str]) -> float:
@@ -86,6 +123,12 @@ def run_main_job(args: list[str]) -> float:
     return final
 
 
+def _check_options(command: str, options: dict, allowed: set) -> None:
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise UsageError(f"yoloattn {command} does not take {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}")
+
+
 def _ablate(options: dict) -> None:
     from .ablate import ablate
 
@@ -93,19 +136,17 @@ def _ablate(options: dict) -> None:
 
 
 def _bench(options: dict) -> None:
-    """Layer table (BRA, DAT, 3x3 conv: reference vs fast) and model table, plus a PNG chart."""
     from ..bench.report import bench
 
     bench(**options)
 
 
 def _visualize(options: dict) -> None:
+    import inspect
+
     from .visualize import visualize
 
-    allowed = {"model", "source", "imgsz", "point", "out"}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(f"yoloattn visualize does not take {unknown}; it takes {sorted(allowed)}")
+    _check_options("visualize", options, set(inspect.signature(visualize).parameters))
     visualize(**options)
 
 
@@ -115,37 +156,75 @@ def _info(options: dict) -> None:
 
     from .model import YOLO
 
-    allowed = {"model", "imgsz", "detailed"}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(f"yoloattn info does not take {unknown}; it takes {sorted(allowed)}")
-    model = YOLO(options.get("model", MAIN_JOB["model"]))
+    _check_options("info", options, {"model", "imgsz", "detailed", "trusted"})
+    model = YOLO(options.get("model", MAIN_JOB["model"]), trusted=options.get("trusted"))
     model.info(detailed=bool(options.get("detailed", False)), verbose=True, imgsz=int(options.get("imgsz", 640)))
     for i, layer in enumerate(model.model.model):
-        if type(layer).__module__ == "yoloattn.yolo.layers":
+        if type(layer).__module__.startswith("yoloattn."):
             LOGGER.info(f"  layer {i}: {type(layer).__name__}({layer.extra_repr()})")
 
 
-SUBCOMMANDS = {"ablate": _ablate, "bench": _bench, "info": _info, "visualize": _visualize}
+def version_text() -> str:
+    """yoloattn's version, the versions it runs with, and which routed-attention backend runs on this machine."""
+    import platform
+
+    import torch
+
+    from .. import __version__
+    from ..nn.functional import routed_attention as ra
+    from ..nn.functional import routed_attention_cpu as cpu
+    from .compat import installed_version
+
+    lines = [f"yoloattn {__version__}",
+             f"torch {torch.__version__} ({torch.get_num_threads()} threads), ultralytics {installed_version()}, "
+             f"python {platform.python_version()}, {platform.machine()}"]
+    info = cpu.build_info()
+    if not info["available"]:
+        lines.append(f"BRA CPU kernel: unavailable ({info['reason']}); BRA runs its sdpa backend on the CPU")
+        return "\n".join(lines)
+    lines.append(f"BRA CPU kernel: built for -march={info['march']} ({info['isa']}, {info['lanes']} floats per vector)")
+    # YOLOv8n's P3 at 640: 49 windows of 12x12 queries over 4 routed windows, 8 heads of 8 channels
+    for training, mode in ((0, "inference"), (1, "training")):
+        key = (training, 49, 12, 12, 144, 4, 8, 64, 64, torch.get_num_threads())
+        if not ra._AUTOTUNE:
+            lines.append(f"  {mode} at YOLOv8n's P3: cpu (YOLOATTN_AUTOTUNE=0: the kernel wherever it can run)")
+            continue
+        record = ra._TUNER.choose(info["build_id"], ",".join(map(str, key)), ra._candidates(key))
+        ms = ", ".join(f"{name} {value:.2f} ms" for name, value in record["ms"].items())
+        lines.append(f"  {mode} at YOLOv8n's P3: {record['winner']} (measured once on this machine: {ms})")
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``yoloattn`` command with ``argv`` (default: ``sys.argv[1:]``)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    logger = logging.getLogger("yoloattn")
-    if not logger.handlers:  # show yoloattn's own notes (e.g. a fast path declining) on the console
-        logger.addHandler(logging.StreamHandler())
-        logger.setLevel(logging.INFO)
+def _dispatch(args: list[str]) -> int:
+    if args and args[0] in ("help", "--help", "-h"):
+        print(HELP.format(model=MAIN_JOB["model"]))
+        return 0
+    if args and args[0] in ("version", "--version", "-V"):
+        print(version_text())
+        return 0
+    # trusted=True: the user vouches for the checkpoints of this run (Ultralytics has no such argument)
+    trusted = [a for a in args if a.split("=", 1)[0] == "trusted"]
+    if trusted:
+        args = [a for a in args if a not in trusted]
+        value = _key_values(trusted[-1:]).get("trusted")
+        if not isinstance(value, bool):
+            raise UsageError(f"trusted must be True or False, got {trusted[-1]!r}")
+        os.environ["YOLOATTN_TRUST_CHECKPOINTS"] = "1" if value else "0"
+
     from .register import register
 
     register()
-    if args and args[0] in SUBCOMMANDS:
-        SUBCOMMANDS[args[0]](_key_values(args[1:]))
+    if args and args[0] in _OWN_COMMANDS:
+        options = _key_values(args[1:])
+        positional = [a for a in args[1:] if "=" not in a]
+        if positional:
+            raise UsageError(f"yoloattn {args[0]} takes key=value arguments, got {' '.join(positional)}")
+        {"ablate": _ablate, "bench": _bench, "visualize": _visualize, "info": _info}[args[0]](options)
         return 0
     positional = [a for a in args if "=" not in a]
     keys = _key_values(args) if args else {}
     if isinstance(keys.get("resume"), str) and "model" not in keys:
-        args = [*args, f"model={keys['resume']}"]  # `resume=last.pt` names the checkpoint (yolo would fetch yolo26n.pt)
+        args = [*args, f"model={keys['resume']}"]  # `resume=last.pt` names the checkpoint (yolo would fetch a default)
         keys["model"] = keys["resume"]
     if not args or (positional[:1] == ["train"] and ("model" not in keys or "data" not in keys)
                      and not keys.get("resume")):
@@ -155,16 +234,51 @@ def main(argv: list[str] | None = None) -> int:
             run_main_job([a for a in args if "=" in a])
             return 0
     from ultralytics.cfg import entrypoint
-    from ultralytics.utils import ARGV
 
-    saved = ARGV[:]
-    ARGV[:] = ["yoloattn", *args]  # Ultralytics reads the process' argv list
-    try:
-        with _yoloattn_yolo_class():
-            entrypoint()
-    finally:
-        ARGV[:] = saved
+    with _as_yolo_command(args):
+        entrypoint()
     return 0
+
+
+def _is_user_error(error: BaseException) -> bool:
+    """A mistake to report in one line: an argument/file/configuration error raised by yoloattn's or Ultralytics'
+    own checks (an error from inside PyTorch or elsewhere is a crash and keeps its traceback)."""
+    from ..nn.backends import BackendUnavailableError
+
+    if isinstance(error, BackendUnavailableError):
+        return True
+    if not isinstance(error, _USER_ERRORS) or isinstance(error, (ModuleNotFoundError,)):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    origin = frames[-1].filename if frames else ""
+    return any(f"{os.sep}{package}{os.sep}" in origin for package in _USER_ERROR_SOURCES)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    if isinstance(error, KeyError):
+        text = f"unknown name {text}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``yoloattn`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    logger = logging.getLogger("yoloattn")
+    if not logger.handlers:  # show yoloattn's own notes on the console, as Ultralytics shows its own
+        logger.addHandler(logging.StreamHandler())
+        logger.setLevel(logging.INFO)
+    try:
+        return _dispatch(args)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as error:  # noqa: BLE001 - reported below, or re-raised with its traceback
+        debug = os.environ.get("YOLOATTN_DEBUG", "").strip().lower() in ("1", "true", "yes")
+        if debug or not _is_user_error(error):
+            raise
+        print(f"yoloattn: error: {_one_line(error)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 from pathlib import Path
@@ -18,11 +19,12 @@ from pathlib import Path
 import torch
 import yaml
 from ultralytics import YOLO as _UltralyticsYOLO
-from ultralytics.models.yolo.detect import DetectionTrainer
 
+from .checkpoints import load_checkpoint, require_file, verify_checkpoint
 from .register import register
 
-__all__ = ["CFG_DIR", "TransferDetectionTrainer", "YOLO", "YOLOv10", "resolve_data", "resolve_model", "shipped_models", "transfer_weights"]
+__all__ = ["CFG_DIR", "YOLO", "YOLOv10", "resolve_data", "resolve_model", "shipped_models", "transfer_trainer",
+           "transfer_weights"]
 
 CFG_DIR = Path(__file__).parent / "cfg"
 # family + scale + rest, e.g. yolov8 n -bra, yolo11 s -bra, yolov10 b -bra
@@ -81,7 +83,7 @@ def _layer_types(model: torch.nn.Module) -> list[str]:
     return [type(m).__name__ for m in model.model]
 
 
-def transfer_weights(model: torch.nn.Module, source, verbose: bool = True) -> dict:
+def transfer_weights(model: torch.nn.Module, source, verbose: bool = True, trusted: bool | None = None) -> dict:
     """Load every tensor of ``source`` that fits ``model``, matching layers by position in the layer sequence.
 
     Inserting a layer (an attention layer after the P3 block, say) shifts every later layer index,
@@ -90,17 +92,17 @@ def transfer_weights(model: torch.nn.Module, source, verbose: bool = True) -> di
     the shapes agree.
 
     Args:
-        model: an Ultralytics ``DetectionModel`` (or any model with a ``.model`` layer list).
-        source: a checkpoint dict (``ema``/``model``), a model, or a path to a ``.pt`` file.
+        model: an Ultralytics model (or any model with a ``.model`` layer list).
+        source: a checkpoint dict (``ema``/``model``), a model, or a path to a ``.pt`` file (loaded safely,
+            see :mod:`yoloattn.yolo.checkpoints`).
         verbose: log how many tensors were transferred.
+        trusted: for a path: skip the safe load (a file you trust).
 
     Returns:
         dict with ``transferred``, ``total`` (tensors in ``model``) and ``layer_map`` (source -> model index).
     """
     if isinstance(source, (str, Path)):
-        from ultralytics.nn.tasks import load_checkpoint
-
-        source, _ = load_checkpoint(source)
+        source = load_checkpoint(source, trusted)
     src = (source.get("ema") or source["model"]) if isinstance(source, dict) else source
     src_types, dst_types = _layer_types(src), _layer_types(model)
     matcher = difflib.SequenceMatcher(a=src_types, b=dst_types, autojunk=False)
@@ -126,61 +128,94 @@ def transfer_weights(model: torch.nn.Module, source, verbose: bool = True) -> di
     return {"transferred": len(moved), "total": len(dst_state), "layer_map": layer_map}
 
 
-class TransferDetectionTrainer(DetectionTrainer):
-    """Ultralytics' detection trainer, loading start weights with :func:`transfer_weights` (layer-aligned)."""
+@functools.lru_cache(maxsize=None)
+def transfer_trainer(base: type) -> type:
+    """``base`` (an Ultralytics trainer) loading its start weights with :func:`transfer_weights` (layer-aligned)."""
 
     def get_model(self, cfg=None, weights=None, verbose=True):
-        model = super().get_model(cfg=cfg, weights=None, verbose=verbose)
+        model = base.get_model(self, cfg=cfg, weights=None, verbose=verbose)
         if weights is not None:
             transfer_weights(model, weights, verbose=verbose)
         return model
 
+    return type(f"Transfer{base.__name__}", (base,), {"get_model": get_model, "__module__": __name__,
+                                                      "__doc__": transfer_trainer.__doc__})
+
+
+def _checkpoint_path(weights) -> str | None:
+    """The ``.pt`` file a model argument names (Ultralytics adds ``.pt`` to a bare stem), or None."""
+    if not isinstance(weights, (str, Path)):
+        return None
+    text = str(weights)
+    if text.lower().endswith(".pt"):
+        return text
+    if "://" in text:
+        return text
+    if not Path(text).suffix and not Path(text).exists():
+        return text + ".pt"  # Ultralytics reads 'yolo26n' as 'yolo26n.pt'
+    return None
+
 
 class YOLO(_UltralyticsYOLO):
-    """Ultralytics ``YOLO`` with yoloattn's layers registered, its model names and data, and full weight transfer.
+    """Ultralytics ``YOLO`` with yoloattn's layers, model names and data, safe checkpoints and full weight transfer.
 
     Args:
-        model: a model YAML (shipped short names like ``'yolov8n-bra.yaml'`` included) or a ``.pt`` file.
+        model: a model YAML (shipped short names like ``'yolov8n-bra.yaml'`` included) or a ``.pt`` file on disk.
         task: Ultralytics task, guessed when None.
         verbose: print the model summary.
+        trusted: load ``.pt`` files without the safe check (files you trust; see :mod:`.checkpoints`).
     """
 
-    def __init__(self, model="yolov8n-bra.yaml", task=None, verbose=False):
+    def __init__(self, model="yolov8n-bra.yaml", task=None, verbose=False, trusted: bool | None = None):
         register()
+        self._trusted = trusted
         super().__init__(resolve_model(model), task=task, verbose=verbose)
 
-    def load(self, weights="yolov8n.pt"):
-        """Transfer weights from a checkpoint, aligning layers shifted by inserted attention layers."""
-        self._check_is_pytorch_model()
-        if isinstance(weights, (str, Path)):
-            from ultralytics.nn.tasks import load_checkpoint
+    def _verify(self, weights, what: str = "checkpoint") -> None:
+        path = _checkpoint_path(weights)
+        if path is not None:
+            require_file(path, what)
+            verify_checkpoint(path, getattr(self, "_trusted", None))
 
-            weights, ckpt = load_checkpoint(weights)
-            ckpt_path = weights.pt_path
-        else:
-            ckpt, ckpt_path = {"model": self.model}, None
-        self.overrides.pop("pretrained", None)
-        transfer_weights(self.model, weights)
-        self.ckpt, self.ckpt_path = ckpt, ckpt_path  # train() then starts from self.model
-        self.predictor = None
-        return self
+    def _load(self, weights, task=None):
+        """Ultralytics' loading, after the file passed the safe check; a missing file is never downloaded."""
+        self._verify(weights, "model")
+        return super()._load(weights, task=task)
+
+    def load(self, weights="yolov8n.pt"):
+        """Transfer weights from a checkpoint (checked safely), aligning layers shifted by inserted attention layers.
+
+        Ultralytics' ``Model.load`` does its bookkeeping; only the tensor transfer is :func:`transfer_weights`.
+        """
+        self._check_is_pytorch_model()
+        self._verify(weights, "weights")
+        net = self.model
+        net.load = lambda w, verbose=True: transfer_weights(net, w, verbose=verbose, trusted=True)  # verified above
+        try:
+            return super().load(weights)
+        finally:
+            del net.load
 
     def train(self, trainer=None, **kwargs):
         """Ultralytics ``train``; ``data='shapes'`` selects the built-in dataset. Start weights (``pretrained='x.pt'``
-        or an earlier :meth:`load`) transfer with :func:`transfer_weights`, whatever layers were inserted."""
+        or an earlier :meth:`load`) transfer with :func:`transfer_weights`, whatever layers were inserted; every
+        checkpoint named is checked safely first."""
         if "data" in kwargs:
             kwargs["data"] = resolve_data(kwargs["data"])
         if "model" in kwargs:  # the trainer rebuilds YAML models from this name
             kwargs["model"] = resolve_model(kwargs["model"])
+            self._verify(kwargs["model"], "model")
+        if isinstance(kwargs.get("pretrained"), (str, Path)):
+            self._verify(kwargs["pretrained"], "pretrained weights")
+        if isinstance(kwargs.get("resume"), (str, Path)):
+            self._verify(kwargs["resume"], "resume checkpoint")
         return super().train(trainer=trainer, **kwargs)
 
     @property
     def task_map(self):
-        """Ultralytics' task map, with a detection trainer that transfers start weights across shifted layers."""
-        task_map = super().task_map
-        if "detect" in task_map and task_map["detect"].get("trainer") is DetectionTrainer:
-            task_map = {**task_map, "detect": {**task_map["detect"], "trainer": TransferDetectionTrainer}}
-        return task_map
+        """Ultralytics' task map, with trainers that transfer start weights across shifted layers."""
+        return {task: {**parts, "trainer": transfer_trainer(parts["trainer"])} if "trainer" in parts else parts
+                for task, parts in super().task_map.items()}
 
     def val(self, validator=None, **kwargs):
         """Ultralytics ``val``; ``data='shapes'`` selects the built-in dataset."""
@@ -189,4 +224,4 @@ class YOLO(_UltralyticsYOLO):
         return super().val(validator=validator, **kwargs)
 
 
-YOLOv10 = YOLO  # the seeds' `from ultralytics import YOLOv10` scripts: YOLO builds v10 YAMLs as well
+YOLOv10 = YOLO  # scripts written for `from ultralytics import YOLOv10`: YOLO builds v10 YAMLs as well

@@ -1,5 +1,13 @@
-"""Functional ops behind the yoloattn layers: each has a fast and a reference implementation."""
+"""Functional ops behind the yoloattn layers, each with named backends (see :mod:`yoloattn.nn.backends`)."""
 
-from .routed_attention import routed_attention, routed_attention_fast, routed_attention_reference
+from .attention import ATTENTION, multi_head_attention
+from .routed_attention import ROUTED_ATTENTION, routed_attention, routed_attention_reference, routed_attention_sdpa
 
-__all__ = ["routed_attention", "routed_attention_fast", "routed_attention_reference"]
+__all__ = [
+    "ATTENTION",
+    "ROUTED_ATTENTION",
+    "multi_head_attention",
+    "routed_attention",
+    "routed_attention_reference",
+    "routed_attention_sdpa",
+]

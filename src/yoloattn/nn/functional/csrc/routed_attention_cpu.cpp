@@ -1,51 +1,78 @@
 // Routed (BRA) attention on the CPU: fp32 forward and backward, no attention matrix, no K/V copies.
 //
-// Built on first use by yoloattn/nn/functional/cpu_kernel.py (g++ -O3 -march=native) and called through
-// ctypes with raw pointers; there is no Python or PyTorch header here.
+// Built on first use by yoloattn/nn/functional/routed_attention_cpu.py with the system C++ compiler and
+// loaded with ctypes; there is no Python or PyTorch header here. That file passes YOLOATTN_ABI and
+// YOLOATTN_MAX_HEAD_DIM on the command line (they are defined there only), and checks at load time that the
+// library reports the same ABI and the same size of RoutedArgs.
 //
-// Tensors (each token's channels contiguous; where a token lives is given by a Layout, below):
+// Tensors (each token's channels contiguous; where a token lives is given by its Tiles descriptor):
 //   q    (N, P, Lq, Cq)        Cq = heads * dk; head h owns channels [h*dk, (h+1)*dk)
 //   kv   (N, P, Lkv, Cq + Cv)  keys in [0, Cq), values in [Cq, Cq + Cv), Cv = heads * dv
-//   idx  (N, P, topk) int64    key windows routed to each query window
-//   out  (N, P, Lq, Cv)
-// A Layout maps (window w = b * P + p, token i) to the float offset win[w] + tok[i] of that token's first
-// channel, so windows may be contiguous blocks or tiles of an (N, H, W, C) image read in place; it is built
-// from 9 numbers per tensor (see Layout's constructor).
-//   lse, delta (N, P, heads, Lq) contiguous: log2-sum-exp2 of the logits in log2 units (scale * log2(e) *
-//                              q.k, so every exponential is an exp2); sum(dout * out) per head
-// Query region: only query tokens at rows < rows_valid and columns < cols_valid of q's tile grid (Py * h by
-// Px * w) are computed (BRA crops its zero padding away, so the padded queries' outputs are never used and
-// they receive no gradient). dq is zero at the other tokens; out is too, unless its Layout is a cropped image
-// that has no such tokens (zero_outside = 0).
+//   idx  (N, P, topk) int64    key windows routed to each query window, contiguous
+//   out  (N, P, Lq, Cv)        and dout, dq, dkv with the channels of out, out, q, kv
+//   lse  (N, P, heads, Lq)     contiguous: log2-sum-exp2 of the logits in log2 units (scale * log2(e) * q.k,
+//                              so every exponential is an exp2)
+// P = Py * Px windows of Lq = th * tw tokens: window (b, i, j), token (y, x) starts at float offset
+// b * s_n + i * s_py + j * s_px + y * s_y + x * s_x, so windows may be contiguous blocks or tiles of an
+// (N, H, W, C) image read in place.
+// Query region: only query tokens at rows < rows_valid and columns < cols_valid of q's tile grid (Py * th by
+// Px * tw) are computed (BRA crops its zero padding away, so the padded queries' outputs are never used and
+// they receive no gradient). dq is zero at the other tokens; out is too, unless zero_outside = 0 (its tiles
+// then describe a cropped image that has no such tokens).
 //
 // Vectorisation: LANES query tokens (forward, dq) or LANES key tokens (dk, dv) sit in one vector, and the
-// other operand is broadcast, so every multiply-add is a full-width FMA whatever the head size. Each output
+// other operand is broadcast, so every multiply-add is a full-width FMA whatever the head size. LANES is the
+// float count of the widest vector register of the target (16 with AVX-512, 8 with AVX2, 4 with SSE2 or
+// NEON), and how many query blocks share a pass over the keys follows the register count. Each output
 // element is written by one thread in a fixed order: the results do not depend on the thread count.
-//
-// Per 16 query-key pairs and head size 8 the forward issues about 25 vector operations (8 + 8 FMAs, a
-// 7-operation exp2, a sum), which this loop structure runs at about 1.2 per cycle on a Sapphire Rapids core:
-// short dependency chains matter more than operation counts (a fused one-pass loop that waited on each
-// exp2 was slower than storing a window's logits first).
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX512F__)
+#include <thread>
+#include <type_traits>
+#include <vector>
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
-#include <thread>
-#include <type_traits>
-#include <vector>
+
+#ifndef YOLOATTN_ABI
+#error "build with -DYOLOATTN_ABI=<n> (routed_attention_cpu.py passes it)"
+#endif
+#ifndef YOLOATTN_MAX_HEAD_DIM
+#error "build with -DYOLOATTN_MAX_HEAD_DIM=<n> (routed_attention_cpu.py passes it)"
+#endif
 
 namespace {
 
+#if defined(__AVX512F__)
 constexpr int LANES = 16;
-constexpr int MAX_HEAD_DIM = 128;
+constexpr int BLOCKS = 2;  // query blocks per pass over the keys: 32 vector registers hold two blocks' state
+constexpr const char* ISA = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int LANES = 8;
+constexpr int BLOCKS = 1;  // 16 registers: one block's queries, outputs and sums
+constexpr const char* ISA = "avx2";
+#elif defined(__ARM_NEON)
+constexpr int LANES = 4;
+constexpr int BLOCKS = 2;
+constexpr const char* ISA = "neon";
+#elif defined(__SSE2__)
+constexpr int LANES = 4;
+constexpr int BLOCKS = 1;
+constexpr const char* ISA = "sse2";
+#else
+constexpr int LANES = 4;
+constexpr int BLOCKS = 1;
+constexpr const char* ISA = "generic";
+#endif
+
+constexpr int MAX_HEAD_DIM = YOLOATTN_MAX_HEAD_DIM;
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 typedef uint32_t uvec __attribute__((vector_size(LANES * sizeof(uint32_t))));
 constexpr float LOG2E = 1.4426950408889634f;
@@ -56,8 +83,8 @@ inline vec splat(float x) { return vec{} + x; }
 // in log2 units), so the result is a normal number or, far below the largest term, zero.
 #if defined(__AVX512F__)
 // x = floor(x) + r with r in [0, 1): vreduceps gives r exactly in one instruction, vscalefps multiplies by
-// 2^floor(x) with the exponent range handled (very negative x gives 0, not garbage). Degree-5 polynomial
-// for 2^r on [0, 1), fitted here for the relative error (< 1.5e-7 evaluated with FMAs in fp32).
+// 2^floor(x) with the exponent range handled (very negative x gives 0). Degree-5 polynomial for 2^r on
+// [0, 1), fitted for the relative error (< 1.5e-7 evaluated with FMAs in fp32).
 inline vec vexp2(vec x) {
     const vec r = (vec)_mm512_reduce_ps((__m512)x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     vec p = splat(1.8775766948e-3f);
@@ -69,32 +96,79 @@ inline vec vexp2(vec x) {
     return (vec)_mm512_scalef_ps((__m512)p, (__m512)x);
 }
 #else
-// 2^r for |r| <= 1/2: degree-5 minimax polynomial for the relative error (< 1.9e-7 evaluated in fp32).
-inline vec exp2_reduced(vec r) {
+// x = n + r with n = round(x), |r| <= 1/2, then 2^r * 2^n with n written straight into the exponent bits.
+// Degree-5 minimax polynomial for 2^r (relative error < 1.9e-7 evaluated in fp32). Every step is a plain
+// vector operation, so it compiles to 8-lane AVX2, 4-lane SSE2 or NEON code alike.
+inline vec vexp2(vec x) {
+    constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+    // clamp to the normal range; 2^-126 instead of 0 is far below float32's resolution next to the largest
+    // term (>= 2^-64)
+    x = x < -126.0f ? splat(-126.0f) : x;
+    const vec z = x + kRound;
+    const vec r = x - (z - kRound);
     vec p = splat(1.3264727214e-3f);
     p = p * r + 9.6715128125e-3f;
     p = p * r + 5.5507337448e-2f;
     p = p * r + 2.4022242083e-1f;
     p = p * r + 6.9314697760e-1f;
-    return p * r + 1.0f;
-}
-
-// x = n + r with n = round(x), then 2^r * 2^n with n written straight into the exponent bits.
-inline vec vexp2(vec x) {
-    // clamp to the normal range; 2^-126 instead of 0 is far below float32's resolution next to the largest
-    // term (>= 2^-64)
-    constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-    x = x < -126.0f ? splat(-126.0f) : x;
-    vec z = x + kRound;
-    vec p = exp2_reduced(x - (z - kRound));
+    p = p * r + 1.0f;
     uvec bits;
     std::memcpy(&bits, &z, sizeof(bits));
-    bits = (bits + 127u) << 23;  // the low bits of z hold n; (magic << 23) wraps to 0
+    bits = (bits + 127u) << 23;  // the low bits of z hold n (two's complement); the magic's bits shift out
     vec two_n;
     std::memcpy(&two_n, &bits, sizeof(two_n));
     return p * two_n;
 }
 #endif
+
+inline float lane_max(vec v) {
+    float m = v[0];
+    for (int l = 1; l < LANES; ++l) m = std::max(m, v[l]);
+    return m;
+}
+
+// ---- the argument block shared with Python (ctypes.Structure RoutedArgs there, field for field) ----------
+struct Tiles {
+    float* data;
+    int64_t py, px, th, tw;             // windows per column and row, token rows and columns per window
+    int64_t s_n, s_py, s_px, s_y, s_x;  // strides in floats
+    int64_t channels;                   // channels of each token, contiguous
+};
+
+struct RoutedArgs {
+    int64_t abi;         // YOLOATTN_ABI
+    int64_t size;        // sizeof(RoutedArgs)
+    int64_t n, p, lq, lkv, topk, heads, dk, dv;
+    int64_t rows_valid, cols_valid, zero_outside;
+    double scale;
+    int64_t threads;
+    Tiles q, kv, out, dout, dq, dkv;  // dout, dq, dkv: backward only (dq or dkv data may be null)
+    const int64_t* idx;
+    float* lse;  // may be null in the forward (inference)
+};
+
+enum Status : int {
+    OK = 0,
+    BAD_ABI = 1,
+    BAD_SHAPE = 2,
+    BAD_HEAD_DIM = 3,
+    NULL_POINTER = 4,
+    BAD_INDEX = 5,
+    BAD_LAYOUT = 6,
+};
+
+const char* status_message(int status) {
+    switch (status) {
+        case OK: return "ok";
+        case BAD_ABI: return "the library was built for another version of its Python wrapper (ABI or argument block size differs)";
+        case BAD_SHAPE: return "inconsistent sizes: the tiles of q, kv or out do not match n, p, lq, lkv, heads, dk or dv";
+        case BAD_HEAD_DIM: return "head sizes must be between 1 and YOLOATTN_MAX_HEAD_DIM";
+        case NULL_POINTER: return "a required tensor pointer is null";
+        case BAD_INDEX: return "r_idx holds a window index outside [0, P)";
+        case BAD_LAYOUT: return "a tiles descriptor has a negative stride or a zero size";
+        default: return "unknown status";
+    }
+}
 
 struct Layout {
     std::vector<int64_t> win;  // (N * P,)
@@ -102,15 +176,51 @@ struct Layout {
     int64_t py = 0, px = 0, th = 0, tw = 0;
     int64_t at(int64_t w, int64_t i) const { return win[w] + tok[i]; }
 
-    // desc = (Py, Px, h, w, stride of n, py, px, y, x): window (b, py, px) and token (y, x) in a strided tensor
-    Layout(int64_t n, const int64_t* desc) : py(desc[0]), px(desc[1]), th(desc[2]), tw(desc[3]) {
+    Layout(int64_t n, const Tiles& t) : py(t.py), px(t.px), th(t.th), tw(t.tw) {
+        win.reserve(n * py * px);
         for (int64_t b = 0; b < n; ++b)
             for (int64_t i = 0; i < py; ++i)
-                for (int64_t j = 0; j < px; ++j) win.push_back(b * desc[4] + i * desc[5] + j * desc[6]);
+                for (int64_t j = 0; j < px; ++j) win.push_back(b * t.s_n + i * t.s_py + j * t.s_px);
+        tok.reserve(th * tw);
         for (int64_t y = 0; y < th; ++y)
-            for (int64_t x = 0; x < tw; ++x) tok.push_back(y * desc[7] + x * desc[8]);
+            for (int64_t x = 0; x < tw; ++x) tok.push_back(y * t.s_y + x * t.s_x);
     }
 };
+
+bool tiles_ok(const Tiles& t) {
+    return t.py > 0 && t.px > 0 && t.th > 0 && t.tw > 0 && t.s_n >= 0 && t.s_py >= 0 && t.s_px >= 0 &&
+           t.s_y >= 0 && t.s_x >= 0 && t.channels > 0;
+}
+
+// the tiles of a tensor with the window grid of q (out, dout, dq) or kv (dkv) and `channels` channels
+bool same_grid(const Tiles& t, const Tiles& like, int64_t channels) {
+    return t.py == like.py && t.px == like.px && t.th == like.th && t.tw == like.tw && t.channels == channels;
+}
+
+int validate(const RoutedArgs& a, bool backward) {
+    if (a.abi != YOLOATTN_ABI || a.size != static_cast<int64_t>(sizeof(RoutedArgs))) return BAD_ABI;
+    if (a.n < 1 || a.p < 1 || a.lq < 1 || a.lkv < 1 || a.topk < 1 || a.heads < 1 || a.rows_valid < 1 ||
+        a.cols_valid < 1 || a.threads < 1)
+        return BAD_SHAPE;
+    if (a.dk < 1 || a.dv < 1 || a.dk > MAX_HEAD_DIM || a.dv > MAX_HEAD_DIM) return BAD_HEAD_DIM;
+    if (a.q.data == nullptr || a.kv.data == nullptr || a.out.data == nullptr || a.idx == nullptr)
+        return NULL_POINTER;
+    if (!tiles_ok(a.q) || !tiles_ok(a.kv) || !tiles_ok(a.out)) return BAD_LAYOUT;
+    const int64_t cq = a.heads * a.dk, cv = a.heads * a.dv;
+    if (a.q.py * a.q.px != a.p || a.q.th * a.q.tw != a.lq || a.kv.py * a.kv.px != a.p ||
+        a.kv.th * a.kv.tw != a.lkv || a.q.channels != cq || a.kv.channels != cq + cv ||
+        !same_grid(a.out, a.q, cv) || a.rows_valid > a.q.py * a.q.th || a.cols_valid > a.q.px * a.q.tw)
+        return BAD_SHAPE;
+    if (backward) {
+        if (a.lse == nullptr || a.dout.data == nullptr) return NULL_POINTER;
+        if (!tiles_ok(a.dout) || !same_grid(a.dout, a.q, cv)) return BAD_SHAPE;
+        if (a.dq.data != nullptr && (!tiles_ok(a.dq) || !same_grid(a.dq, a.q, cq))) return BAD_SHAPE;
+        if (a.dkv.data != nullptr && (!tiles_ok(a.dkv) || !same_grid(a.dkv, a.kv, cq + cv))) return BAD_SHAPE;
+    }
+    for (int64_t i = 0; i < a.n * a.p * a.topk; ++i)
+        if (a.idx[i] < 0 || a.idx[i] >= a.p) return BAD_INDEX;
+    return OK;
+}
 
 // The query tokens of each window that lie inside the query region, as token indices in window order. A
 // window cut by the region's bottom or right edge has a shorter list; there are at most four distinct lists.
@@ -151,12 +261,6 @@ struct QueryTokens {
     }
 };
 
-struct Shape {
-    int64_t n, p, lq, lkv, topk, heads, dk, dv, rows_valid, cols_valid, zero_outside;
-    float scale;
-    int64_t cq() const { return heads * dk; }
-};
-
 // Results below float32's normal range become zero while it lives (MXCSR flush-to-zero, restored after):
 // exponentials of very negative logits would otherwise be subnormal, and every operation on or producing a
 // subnormal takes a microcode assist, 10x slower; such terms are below 2^-126 next to a row's largest one.
@@ -172,10 +276,10 @@ struct FlushToZero {
 // this is the OpenMP runtime PyTorch already loaded (same libgomp.so.1), so PyTorch's idle worker threads
 // take the items instead of new threads competing with them for the cores.
 template <class Body>
-void parallel_items(int64_t count, int threads, Body body) {
-    threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, count)));
+void parallel_items(int64_t count, int64_t threads, Body body) {
+    const int n_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, count)));
 #if defined(_OPENMP)
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(n_threads)
     {
         FlushToZero ftz;
 #pragma omp for schedule(dynamic, 1)
@@ -188,11 +292,14 @@ void parallel_items(int64_t count, int threads, Body body) {
         for (int64_t item = next.fetch_add(1); item < count; item = next.fetch_add(1)) body(item);
     };
     std::vector<std::thread> pool;
-    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+    for (int t = 1; t < n_threads; ++t) pool.emplace_back(worker);
     worker();
     for (auto& th : pool) th.join();
 #endif
 }
+
+template <int D>
+constexpr int head_capacity() { return D > 0 ? D : MAX_HEAD_DIM; }
 
 // Loads channels [col, col + d) of tokens toks[i0 .. i0 + valid - 1] of window w as d vectors (lane = token);
 // lanes past `valid` read as zero.
@@ -200,43 +307,52 @@ template <int D>
 inline void load_lanes(vec* dst, int d_rt, const float* base, const Layout& lay, int64_t w, const int32_t* toks,
                        int64_t i0, int64_t col, int valid) {
     const int d = D > 0 ? D : d_rt;
-    for (int c = 0; c < d; ++c) dst[c] = vec{};
+    alignas(64) float tmp[head_capacity<D>()][LANES];
+    for (int c = 0; c < d; ++c)
+        for (int l = valid; l < LANES; ++l) tmp[c][l] = 0.0f;
     for (int l = 0; l < valid; ++l) {
         const float* row = base + lay.at(w, toks[i0 + l]) + col;
-        for (int c = 0; c < d; ++c) dst[c][l] = row[c];
+        for (int c = 0; c < d; ++c) tmp[c][l] = row[c];
     }
+    for (int c = 0; c < d; ++c) std::memcpy(&dst[c], tmp[c], sizeof(vec));
 }
 
 template <int D>
 inline void store_lanes(float* base, const Layout& lay, int64_t w, const int32_t* toks, int64_t i0, int64_t col,
                         const vec* src, int d_rt, int valid) {
     const int d = D > 0 ? D : d_rt;
+    alignas(64) float tmp[head_capacity<D>()][LANES];
+    for (int c = 0; c < d; ++c) std::memcpy(tmp[c], &src[c], sizeof(vec));
     for (int l = 0; l < valid; ++l) {
         float* row = base + lay.at(w, toks[i0 + l]) + col;
-        for (int c = 0; c < d; ++c) row[c] = src[c][l];
+        for (int c = 0; c < d; ++c) row[c] = tmp[c][l];
     }
 }
 
 // Gathers per-token statistics (lse, delta: (.., Lq) rows in token order) of toks[i0 ..] into lanes.
 inline vec load_stats(const float* row, const int32_t* toks, int64_t i0, int valid) {
-    vec v = vec{};
-    for (int l = 0; l < valid; ++l) v[l] = row[toks[i0 + l]];
+    alignas(64) float tmp[LANES] = {};
+    for (int l = 0; l < valid; ++l) tmp[l] = row[toks[i0 + l]];
+    vec v;
+    std::memcpy(&v, tmp, sizeof(v));
     return v;
 }
 
-inline float lane_max(vec v) {
-    float m = v[0];
-    for (int l = 1; l < LANES; ++l) m = std::max(m, v[l]);
-    return m;
-}
+struct Shape {
+    int64_t n, p, lq, lkv, topk, heads, dk, dv, rows_valid, cols_valid, zero_outside;
+    float scale;
+    int64_t threads;
+    int64_t cq() const { return heads * dk; }
+    explicit Shape(const RoutedArgs& a)
+        : n(a.n), p(a.p), lq(a.lq), lkv(a.lkv), topk(a.topk), heads(a.heads), dk(a.dk), dv(a.dv),
+          rows_valid(a.rows_valid), cols_valid(a.cols_valid), zero_outside(a.zero_outside),
+          scale(static_cast<float>(a.scale)), threads(a.threads) {}
+};
 
 // ---- forward -------------------------------------------------------------------------------------------
 // Logits in log2 units whose magnitude is at most this are exponentiated as they are (2^-64 .. 2^64: no
 // overflow, no underflow), so softmax needs no max subtraction and the forward is one pass over the keys.
 constexpr float DIRECT_LOGIT_BOUND = 64.0f;
-
-template <int D>
-constexpr int head_capacity() { return D > 0 ? D : MAX_HEAD_DIM; }
 
 // Logits (log2 units) of NB query blocks against the lkv keys of one window (keys: that window's first key
 // row, head offset included): lg[j * NB + block]; with MAX, m[block] also becomes their running max.
@@ -274,72 +390,96 @@ inline void window_values(int dv_rt, const float* values, const Layout& kvl, int
     }
 }
 
-// NB blocks of LANES query tokens (toks[i0 .. i0 + NB * LANES - 1] of window `win`, head h) against all
-// their routed keys.
-//
-// If |q| * max|k| over the routed windows bounds every logit by DIRECT_LOGIT_BOUND (Cauchy-Schwarz; the
-// usual case), each key is visited once: logit, exp2, row sum and weighted values together. Otherwise the
-// logits are stored with their max first and exponentiated in a second sweep. Blocks share every key/value
-// broadcast and give the core independent FMA chains.
-template <int NB, int DK, int DV>
-inline void forward_blocks(const Shape& s, const float* q, const Layout& ql, const float* kv, const Layout& kvl,
-                           const int64_t* idx, const float* key_norm, float* out, const Layout& ol, float* lse,
-                           int64_t win, const int32_t* toks, int64_t count, int64_t h, int64_t i0, vec* logits) {
-    const int dk = DK > 0 ? DK : s.dk, dv = DV > 0 ? DV : s.dv;
-    const int64_t b = win / s.p, cq = s.cq();
-    const int64_t* routed = idx + win * s.topk;
-    vec qv[NB][head_capacity<DK>()], ov[NB][head_capacity<DV>()], sum[NB];
-    int valid[NB];
-    float q_norm2 = 0.0f, k_norm = 0.0f;
-    for (int k = 0; k < NB; ++k) {
-        valid[k] = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(LANES, count - i0 - k * LANES)));
-        load_lanes<DK>(qv[k], dk, q, ql, win, toks, i0 + k * LANES, h * dk, valid[k]);
-        vec norm2 = vec{};
-        for (int c = 0; c < dk; ++c) qv[k][c] *= s.scale * LOG2E, norm2 += qv[k][c] * qv[k][c];
-        q_norm2 = std::max(q_norm2, lane_max(norm2));
-        sum[k] = vec{};
-        for (int c = 0; c < dv; ++c) ov[k][c] = vec{};
-    }
-    for (int64_t t = 0; t < s.topk; ++t) k_norm = std::max(k_norm, key_norm[(b * s.p + routed[t]) * s.heads + h]);
-    const bool direct = std::sqrt(q_norm2) * k_norm <= DIRECT_LOGIT_BOUND;
+struct ForwardPass {
+    const Shape& s;
+    const float* q;
+    const Layout& ql;
+    const float* kv;
+    const Layout& kvl;
+    const int64_t* idx;
+    const float* key_norm;
+    float* out;
+    const Layout& ol;
+    float* lse;
 
-    vec m[NB];
-    if (direct) {
-        // per routed window: its logits into the buffer (L1-sized), then exp2, sums and values
-        for (int k = 0; k < NB; ++k) m[k] = vec{};
-        for (int64_t t = 0; t < s.topk; ++t) {
-            const float* row_t = kv + kvl.win[b * s.p + routed[t]];
-            window_logits<NB, DK, false>(qv, dk, row_t + h * dk, kvl, s.lkv, logits, m);
-            window_values<NB, DV, false>(dv, row_t + cq + h * dv, kvl, s.lkv, logits, m, sum, ov);
+    // NB blocks of LANES query tokens (toks[i0 .. i0 + NB * LANES - 1] of window `win`, head h) against all
+    // their routed keys.
+    //
+    // If |q| * max|k| over the routed windows bounds every logit by DIRECT_LOGIT_BOUND (Cauchy-Schwarz; the
+    // usual case), each routed window's logits go to an L1-sized buffer and are exponentiated right away, with
+    // no max subtracted. Otherwise all logits are stored with their max first and exponentiated in a second
+    // sweep. Blocks share every key/value broadcast and give the core independent FMA chains.
+    template <int NB, int DK, int DV>
+    void blocks(int64_t win, const int32_t* toks, int64_t count, int64_t h, int64_t i0, vec* logits) const {
+        const int dk = DK > 0 ? DK : s.dk, dv = DV > 0 ? DV : s.dv;
+        const int64_t b = win / s.p, cq = s.cq();
+        const int64_t* routed = idx + win * s.topk;
+        vec qv[NB][head_capacity<DK>()], ov[NB][head_capacity<DV>()], sum[NB];
+        int valid[NB];
+        float q_norm2 = 0.0f, k_norm = 0.0f;
+        for (int k = 0; k < NB; ++k) {
+            valid[k] = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(LANES, count - i0 - k * LANES)));
+            load_lanes<DK>(qv[k], dk, q, ql, win, toks, i0 + k * LANES, h * dk, valid[k]);
+            vec norm2 = vec{};
+            for (int c = 0; c < dk; ++c) qv[k][c] *= s.scale * LOG2E, norm2 += qv[k][c] * qv[k][c];
+            q_norm2 = std::max(q_norm2, lane_max(norm2));
+            sum[k] = vec{};
+            for (int c = 0; c < dv; ++c) ov[k][c] = vec{};
         }
-    } else {
-        // logits (log2 units) against every routed key, stored as logits[key * NB + block], and their max
-        for (int k = 0; k < NB; ++k) m[k] = splat(-INFINITY);
-        for (int64_t t = 0; t < s.topk; ++t)
-            window_logits<NB, DK, true>(qv, dk, kv + kvl.win[b * s.p + routed[t]] + h * dk, kvl, s.lkv,
-                                        logits + t * s.lkv * NB, m);
-        for (int64_t t = 0; t < s.topk; ++t)
-            window_values<NB, DV, true>(dv, kv + kvl.win[b * s.p + routed[t]] + cq + h * dv, kvl, s.lkv,
-                                        logits + t * s.lkv * NB, m, sum, ov);
-    }
-    for (int k = 0; k < NB; ++k) {
-        vec inv = 1.0f / sum[k];
-        for (int c = 0; c < dv; ++c) ov[k][c] *= inv;
-        store_lanes<DV>(out, ol, win, toks, i0 + k * LANES, h * dv, ov[k], dv, valid[k]);
-        if (lse == nullptr) continue;
-        float* lse_row = lse + (win * s.heads + h) * s.lq;
-        for (int l = 0; l < valid[k]; ++l) lse_row[toks[i0 + k * LANES + l]] = m[k][l] + std::log2(sum[k][l]);
-    }
-}
+        for (int64_t t = 0; t < s.topk; ++t) k_norm = std::max(k_norm, key_norm[(b * s.p + routed[t]) * s.heads + h]);
+        const bool direct = std::sqrt(q_norm2) * k_norm <= DIRECT_LOGIT_BOUND;
 
-// lse may be null (inference: nothing to save for a backward).
-template <int DK, int DV>
-void forward(const Shape& s, const float* q, const Layout& ql, const float* kv, const Layout& kvl,
-             const int64_t* idx, float* out, const Layout& ol, float* lse, int threads) {
-    const QueryTokens region(ql, s.n, s.rows_valid, s.cols_valid);
-    // max |k| * scale * log2(e) per (key window, head): bounds the logits together with |q|
+        vec m[NB];
+        if (direct) {
+            for (int k = 0; k < NB; ++k) m[k] = vec{};
+            for (int64_t t = 0; t < s.topk; ++t) {
+                const float* row_t = kv + kvl.win[b * s.p + routed[t]];
+                window_logits<NB, DK, false>(qv, dk, row_t + h * dk, kvl, s.lkv, logits, m);
+                window_values<NB, DV, false>(dv, row_t + cq + h * dv, kvl, s.lkv, logits, m, sum, ov);
+            }
+        } else {
+            for (int k = 0; k < NB; ++k) m[k] = splat(-INFINITY);
+            for (int64_t t = 0; t < s.topk; ++t)
+                window_logits<NB, DK, true>(qv, dk, kv + kvl.win[b * s.p + routed[t]] + h * dk, kvl, s.lkv,
+                                            logits + t * s.lkv * NB, m);
+            for (int64_t t = 0; t < s.topk; ++t)
+                window_values<NB, DV, true>(dv, kv + kvl.win[b * s.p + routed[t]] + cq + h * dv, kvl, s.lkv,
+                                            logits + t * s.lkv * NB, m, sum, ov);
+        }
+        for (int k = 0; k < NB; ++k) {
+            if (valid[k] == 0) continue;
+            const vec inv = 1.0f / sum[k];
+            for (int c = 0; c < dv; ++c) ov[k][c] *= inv;
+            store_lanes<DV>(out, ol, win, toks, i0 + k * LANES, h * dv, ov[k], dv, valid[k]);
+            if (lse == nullptr) continue;
+            float* lse_row = lse + (win * s.heads + h) * s.lq;
+            for (int l = 0; l < valid[k]; ++l) lse_row[toks[i0 + k * LANES + l]] = m[k][l] + std::log2(sum[k][l]);
+        }
+    }
+
+    template <int DK, int DV>
+    void run() const {
+        const QueryTokens region(ql, s.n, s.rows_valid, s.cols_valid);
+        parallel_items(s.n * s.p, s.threads, [&](int64_t win) {  // win = b * P + p
+            const int32_t* toks = region.list(win);
+            const int64_t count = region.count(win);
+            if (count < s.lq && s.zero_outside) region.zero_outside(out, ol, win, s.heads * s.dv);
+            std::vector<vec> logits(BLOCKS * s.topk * s.lkv);
+            for (int64_t h = 0; h < s.heads; ++h) {
+                int64_t i0 = 0;
+                if constexpr (BLOCKS > 1)
+                    for (; i0 + (BLOCKS - 1) * LANES < count; i0 += BLOCKS * LANES)
+                        blocks<BLOCKS, DK, DV>(win, toks, count, h, i0, logits.data());
+                for (; i0 < count; i0 += LANES) blocks<1, DK, DV>(win, toks, count, h, i0, logits.data());
+            }
+        });
+    }
+};
+
+// max |k| * scale * log2(e) per (key window, head): bounds the logits together with |q|
+std::vector<float> key_norms(const Shape& s, const float* kv, const Layout& kvl) {
     std::vector<float> key_norm(s.n * s.p * s.heads);
-    parallel_items(s.n * s.p, threads, [&](int64_t kwin) {
+    parallel_items(s.n * s.p, s.threads, [&](int64_t kwin) {
         for (int64_t h = 0; h < s.heads; ++h) {
             float largest = 0.0f;
             for (int64_t j = 0; j < s.lkv; ++j) {
@@ -351,38 +491,42 @@ void forward(const Shape& s, const float* q, const Layout& ql, const float* kv, 
             key_norm[kwin * s.heads + h] = std::sqrt(largest);
         }
     });
-    parallel_items(s.n * s.p, threads, [&](int64_t win) {  // win = b * P + p
-        const int32_t* toks = region.list(win);
-        const int64_t count = region.count(win);
-        if (count < s.lq && s.zero_outside) region.zero_outside(out, ol, win, s.heads * s.dv);
-        std::vector<vec> logits(2 * s.topk * s.lkv);
-        for (int64_t h = 0; h < s.heads; ++h) {
-            int64_t i0 = 0;
-            // pairs of blocks (measured 13% faster than single blocks; triples gained nothing more)
-            for (; i0 + LANES < count; i0 += 2 * LANES)
-                forward_blocks<2, DK, DV>(s, q, ql, kv, kvl, idx, key_norm.data(), out, ol, lse, win, toks, count,
-                                          h, i0, logits.data());
-            if (i0 < count)  // one block left
-                forward_blocks<1, DK, DV>(s, q, ql, kv, kvl, idx, key_norm.data(), out, ol, lse, win, toks, count,
-                                          h, i0, logits.data());
-        }
-    });
+    return key_norm;
 }
 
-// ---- backward, dq: one query window per item, queries in lanes -----------------------------------------
+// ---- backward ------------------------------------------------------------------------------------------
+// delta = rowsum(dout * out) per (window, head, query token): the softmax backward's correction term.
+std::vector<float> deltas(const Shape& s, const QueryTokens& region, const float* out, const Layout& ol,
+                          const float* dout, const Layout& gl) {
+    std::vector<float> delta(s.n * s.p * s.heads * s.lq, 0.0f);
+    parallel_items(s.n * s.p, s.threads, [&](int64_t win) {
+        const int32_t* toks = region.list(win);
+        for (int64_t i = 0; i < region.count(win); ++i) {
+            const float* o = out + ol.at(win, toks[i]);
+            const float* g = dout + gl.at(win, toks[i]);
+            for (int64_t h = 0; h < s.heads; ++h) {
+                float acc = 0.0f;
+                for (int64_t c = h * s.dv; c < (h + 1) * s.dv; ++c) acc += o[c] * g[c];
+                delta[(win * s.heads + h) * s.lq + toks[i]] = acc;
+            }
+        }
+    });
+    return delta;
+}
+
+// dq: one query window per item, queries in lanes.
 template <int DK, int DV>
-void backward_dq(const Shape& s, const float* q, const Layout& ql, const float* kv, const Layout& kvl,
-                 const int64_t* idx, const float* dout, const Layout& gl, const float* lse, const float* delta,
-                 float* dq, const Layout& dql, int threads) {
+void backward_dq(const Shape& s, const QueryTokens& region, const float* q, const Layout& ql, const float* kv,
+                 const Layout& kvl, const int64_t* idx, const float* dout, const Layout& gl, const float* lse,
+                 const float* delta, float* dq, const Layout& dql) {
     const int dk = DK > 0 ? DK : s.dk, dv = DV > 0 ? DV : s.dv;
     const int64_t cq = s.cq();
-    const QueryTokens region(ql, s.n, s.rows_valid, s.cols_valid);
-    parallel_items(s.n * s.p, threads, [&](int64_t win) {
+    parallel_items(s.n * s.p, s.threads, [&](int64_t win) {
         const int64_t b = win / s.p;
         const int32_t* toks = region.list(win);
         const int64_t count = region.count(win);
         if (count < s.lq) region.zero_outside(dq, dql, win, cq);
-        vec qv[DK > 0 ? DK : MAX_HEAD_DIM], dqv[DK > 0 ? DK : MAX_HEAD_DIM], gv[DV > 0 ? DV : MAX_HEAD_DIM];
+        vec qv[head_capacity<DK>()], dqv[head_capacity<DK>()], gv[head_capacity<DV>()];
         for (int64_t h = 0; h < s.heads; ++h) {
             const int64_t stats = (win * s.heads + h) * s.lq;
             for (int64_t i0 = 0; i0 < count; i0 += LANES) {
@@ -401,10 +545,10 @@ void backward_dq(const Shape& s, const float* q, const Layout& ql, const float* 
                         const float* vrow = values + kvl.tok[j];
                         vec logit = qv[0] * krow[0];
                         for (int c = 1; c < dk; ++c) logit += qv[c] * krow[c];
-                        vec prob = vexp2(logit - lse_v);
+                        const vec prob = vexp2(logit - lse_v);
                         vec dprob = gv[0] * vrow[0];
                         for (int c = 1; c < dv; ++c) dprob += gv[c] * vrow[c];
-                        vec dlogit = prob * (dprob - delta_v);
+                        const vec dlogit = prob * (dprob - delta_v);
                         for (int c = 0; c < dk; ++c) dqv[c] += dlogit * krow[c];
                     }
                 }
@@ -415,23 +559,30 @@ void backward_dq(const Shape& s, const float* q, const Layout& ql, const float* 
     });
 }
 
-// ---- backward, dk and dv: one key window per item, keys in lanes ---------------------------------------
-// inv_start (N, P + 1) and inv_win (N, P * topk): the query windows that routed key window r of image b are
-// inv_win[b, inv_start[b, r] : inv_start[b, r + 1]]. dkv has the channels of kv (keys, then values).
+// dk and dv: one key window per item, keys in lanes. inv_start (N, P + 1) and inv_win (N, P * topk): the
+// query windows that routed key window r of image b are inv_win[b, inv_start[b, r] : inv_start[b, r + 1]].
 template <int DK, int DV>
-void backward_dkv(const Shape& s, const float* q, const Layout& ql, const float* kv, const Layout& kvl,
-                  const int64_t* inv_start, const int64_t* inv_win, const float* dout, const Layout& gl,
-                  const float* lse, const float* delta, float* dkv, const Layout& dkvl, int threads) {
+void backward_dkv(const Shape& s, const QueryTokens& region, const float* q, const Layout& ql, const float* kv,
+                  const Layout& kvl, const int64_t* idx, const float* dout, const Layout& gl, const float* lse,
+                  const float* delta, float* dkv, const Layout& dkvl) {
     const int dk = DK > 0 ? DK : s.dk, dv = DV > 0 ? DV : s.dv;
     const int64_t cq = s.cq();
-    const QueryTokens region(ql, s.n, s.rows_valid, s.cols_valid);
+    // the inverse of the routing, a counting sort of (query window) by routed key window, stable in p
+    std::vector<int64_t> inv_start(s.n * (s.p + 1), 0), inv_win(s.n * s.p * s.topk);
+    for (int64_t b = 0; b < s.n; ++b) {
+        int64_t* starts = inv_start.data() + b * (s.p + 1);
+        const int64_t* routed = idx + b * s.p * s.topk;
+        for (int64_t u = 0; u < s.p * s.topk; ++u) ++starts[routed[u] + 1];
+        for (int64_t r = 0; r < s.p; ++r) starts[r + 1] += starts[r];
+        std::vector<int64_t> fill(starts, starts + s.p);
+        for (int64_t u = 0; u < s.p * s.topk; ++u) inv_win[b * s.p * s.topk + fill[routed[u]]++] = u / s.topk;
+    }
     std::vector<int32_t> all_keys(s.lkv);
     for (int64_t j = 0; j < s.lkv; ++j) all_keys[j] = static_cast<int32_t>(j);
-    parallel_items(s.n * s.p, threads, [&](int64_t kwin) {  // kwin = b * P + r
+    parallel_items(s.n * s.p, s.threads, [&](int64_t kwin) {  // kwin = b * P + r
         const int64_t b = kwin / s.p, r = kwin % s.p;
-        vec kv_[DK > 0 ? DK : MAX_HEAD_DIM], vv[DV > 0 ? DV : MAX_HEAD_DIM];
-        vec dkv_[DK > 0 ? DK : MAX_HEAD_DIM], dvv[DV > 0 ? DV : MAX_HEAD_DIM];
-        const int64_t* starts = inv_start + b * (s.p + 1);
+        vec kv_[head_capacity<DK>()], vv[head_capacity<DV>()], dkv_[head_capacity<DK>()], dvv[head_capacity<DV>()];
+        const int64_t* starts = inv_start.data() + b * (s.p + 1);
         for (int64_t h = 0; h < s.heads; ++h) {
             for (int64_t j0 = 0; j0 < s.lkv; j0 += LANES) {
                 const int valid = static_cast<int>(std::min<int64_t>(LANES, s.lkv - j0));
@@ -453,10 +604,10 @@ void backward_dkv(const Shape& s, const float* q, const Layout& ql, const float*
                         const float* grow = grads + gl.tok[token];
                         vec logit = kv_[0] * qrow[0];
                         for (int c = 1; c < dk; ++c) logit += kv_[c] * qrow[c];
-                        vec prob = vexp2(logit - lse_row[token]);
+                        const vec prob = vexp2(logit - lse_row[token]);
                         vec dprob = vv[0] * grow[0];
                         for (int c = 1; c < dv; ++c) dprob += vv[c] * grow[c];
-                        vec dlogit = prob * (dprob - delta_row[token]);
+                        const vec dlogit = prob * (dprob - delta_row[token]);
                         for (int c = 0; c < dv; ++c) dvv[c] += prob * grow[c];
                         for (int c = 0; c < dk; ++c) dkv_[c] += dlogit * qrow[c];
                     }
@@ -473,65 +624,60 @@ void backward_dkv(const Shape& s, const float* q, const Layout& ql, const float*
 // others run the generic ones, up to MAX_HEAD_DIM. `run` is called with std::integral_constant<int, D>,
 // D = 0 for the generic loops.
 template <class Run>
-int dispatch(int64_t dk, int64_t dv, Run run) {
-    if (dk < 1 || dv < 1 || dk > MAX_HEAD_DIM || dv > MAX_HEAD_DIM) return 1;
+void dispatch(int64_t dk, int64_t dv, Run run) {
     if (dk == dv && dk == 8) run(std::integral_constant<int, 8>{});
     else if (dk == dv && dk == 16) run(std::integral_constant<int, 16>{});
     else if (dk == dv && dk == 32) run(std::integral_constant<int, 32>{});
     else run(std::integral_constant<int, 0>{});
-    return 0;
 }
-
-// dims: n, p, lq, lkv, topk, heads, dk, dv, rows_valid, cols_valid, zero_outside
-Shape make_shape(const int64_t* dims, float scale) {
-    return Shape{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8], dims[9], dims[10],
-                 scale};
-}
-
-// layouts: 9 numbers per tensor argument, in argument order
-Layout layout(const Shape& s, const int64_t* layouts, int k) { return Layout(s.n, layouts + 9 * k); }
 
 }  // namespace
 
 extern "C" {
 
-int yoloattn_abi_version() { return 4; }
+int yoloattn_abi() { return YOLOATTN_ABI; }
+int64_t yoloattn_args_size() { return static_cast<int64_t>(sizeof(RoutedArgs)); }
+int yoloattn_max_head_dim() { return MAX_HEAD_DIM; }
+int yoloattn_lanes() { return LANES; }
+const char* yoloattn_isa() { return ISA; }
+const char* yoloattn_status_message(int status) { return status_message(status); }
 
-// dims: n, p, lq, lkv, topk, heads, dk, dv, rows_valid, cols_valid, zero_outside.  layouts: of q, kv, out.
-// lse may be null.  Returns 0, or 1 for unsupported head sizes.
-int yoloattn_routed_forward(const int64_t* dims, const int64_t* layouts, float scale, const float* q,
-                            const float* kv, const int64_t* idx, float* out, float* lse, int threads) {
-    const Shape s = make_shape(dims, scale);
-    const Layout ql = layout(s, layouts, 0), kvl = layout(s, layouts, 1), ol = layout(s, layouts, 2);
-    return dispatch(s.dk, s.dv, [&](auto d) {
-        forward<d.value, d.value>(s, q, ql, kv, kvl, idx, out, ol, lse, threads);
-    });
+// Forward: reads q, kv, idx; writes out and, unless null, lse.
+int yoloattn_routed_forward(const RoutedArgs* args) {
+    if (args == nullptr) return NULL_POINTER;
+    const int status = validate(*args, false);
+    if (status != OK) return status;
+    const Shape s(*args);
+    const Layout ql(s.n, args->q), kvl(s.n, args->kv), ol(s.n, args->out);
+    const std::vector<float> key_norm = key_norms(s, args->kv.data, kvl);
+    const ForwardPass pass{s, args->q.data, ql, args->kv.data, kvl, args->idx, key_norm.data(),
+                           args->out.data, ol, args->lse};
+    dispatch(s.dk, s.dv, [&](auto d) { pass.run<d.value, d.value>(); });
+    return OK;
 }
 
-// layouts: of q, kv, dout, dq.
-int yoloattn_routed_backward_dq(const int64_t* dims, const int64_t* layouts, float scale, const float* q,
-                                const float* kv, const int64_t* idx, const float* dout, const float* lse,
-                                const float* delta, float* dq, int threads) {
-    const Shape s = make_shape(dims, scale);
-    const Layout ql = layout(s, layouts, 0), kvl = layout(s, layouts, 1), gl = layout(s, layouts, 2);
-    const Layout dql = layout(s, layouts, 3);
-    return dispatch(s.dk, s.dv, [&](auto d) {
-        backward_dq<d.value, d.value>(s, q, ql, kv, kvl, idx, dout, gl, lse, delta, dq, dql, threads);
+// Backward: reads q, kv, idx, out, dout, lse; writes dq and dkv where their data is not null.
+int yoloattn_routed_backward(const RoutedArgs* args) {
+    if (args == nullptr) return NULL_POINTER;
+    const int status = validate(*args, true);
+    if (status != OK) return status;
+    const Shape s(*args);
+    const Layout ql(s.n, args->q), kvl(s.n, args->kv), ol(s.n, args->out), gl(s.n, args->dout);
+    const QueryTokens region(ql, s.n, s.rows_valid, s.cols_valid);
+    const std::vector<float> delta = deltas(s, region, args->out.data, ol, args->dout.data, gl);
+    dispatch(s.dk, s.dv, [&](auto d) {
+        if (args->dq.data != nullptr) {
+            const Layout dql(s.n, args->dq);
+            backward_dq<d.value, d.value>(s, region, args->q.data, ql, args->kv.data, kvl, args->idx,
+                                          args->dout.data, gl, args->lse, delta.data(), args->dq.data, dql);
+        }
+        if (args->dkv.data != nullptr) {
+            const Layout dkvl(s.n, args->dkv);
+            backward_dkv<d.value, d.value>(s, region, args->q.data, ql, args->kv.data, kvl, args->idx,
+                                           args->dout.data, gl, args->lse, delta.data(), args->dkv.data, dkvl);
+        }
     });
-}
-
-// layouts: of q, kv, dout, dkv.  inv_*: see backward_dkv.
-int yoloattn_routed_backward_dkv(const int64_t* dims, const int64_t* layouts, float scale,
-                                 const float* q, const float* kv, const int64_t* inv_start,
-                                 const int64_t* inv_win, const float* dout, const float* lse,
-                                 const float* delta, float* dkv, int threads) {
-    const Shape s = make_shape(dims, scale);
-    const Layout ql = layout(s, layouts, 0), kvl = layout(s, layouts, 1), gl = layout(s, layouts, 2);
-    const Layout dkvl = layout(s, layouts, 3);
-    return dispatch(s.dk, s.dv, [&](auto d) {
-        backward_dkv<d.value, d.value>(s, q, ql, kv, kvl, inv_start, inv_win, dout, gl, lse, delta, dkv, dkvl,
-                                       threads);
-    });
+    return OK;
 }
 
 }  // extern "C"
