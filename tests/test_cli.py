@@ -1,5 +1,6 @@
 """The yoloattn command end to end, in subprocesses: train -> reload -> val -> predict -> export, resume, DDP state."""
 
+import json
 import os
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def env(workdir):
 
 @pytest.fixture(scope="module")
 def tiny_data(workdir):
-    return shapes(n_train=8, n_val=4, imgsz=IMGSZ, max_objects=6, root=workdir / "data", progress=False)
+    return shapes(n_train=8, n_val=4, imgsz=IMGSZ, root=workdir / "data", progress=False)
 
 
 def _run(args, env, cwd, check=True):
@@ -187,13 +188,138 @@ def test_ddp_worker_finds_layers(workdir, env, tiny_data):
     state_file.unlink(missing_ok=True)
 
 
-def test_bad_data_path_is_clear(workdir, env):
-    out = _cli("train", "model=yolov8n-bra.yaml", "data=does/not/exist.yaml", "epochs=1", f"imgsz={IMGSZ}",
-               env=env, cwd=workdir, check=False)
-    assert out.returncode != 0
-    # the final error line names the path and says what is wrong (the echoed args also contain the path)
-    last = [line for line in out.stderr.strip().splitlines() if line.strip()][-1]
-    assert "does/not/exist.yaml" in last and "does not exist" in last, last
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def test_same_behaviour_as_yolo(workdir, env, tiny_data):
+    """The same commands through `yolo` and `yoloattn`, each in its own folder: the same files, the same exit codes."""
+    import shutil
+
+    yolo = shutil.which("yolo") or str(Path(sys.executable).with_name("yolo"))
+    image = next((Path(tiny_data).parent / "images" / "val").glob("*.png"))
+    commands = [
+        ["train", "model=yolov8n.yaml", f"data={tiny_data}", "epochs=1", f"imgsz={IMGSZ}", "batch=4", "workers=0",
+         "plots=False", "seed=0", "deterministic=True"],
+        ["val", "model=runs/detect/train/weights/best.pt", f"data={tiny_data}", f"imgsz={IMGSZ}", "plots=False"],
+        ["predict", "model=runs/detect/train/weights/best.pt", f"source={image}", f"imgsz={IMGSZ}"],
+        ["export", "model=runs/detect/train/weights/best.pt", "format=onnx", f"imgsz={IMGSZ}"],
+        ["predict", "model=runs/detect/train/weights/missing.pt", f"source={image}"],
+        ["train", "model=yolov8n.yaml", f"data={tiny_data}", "epochz=3"],
+    ]
+    offline = dict(env, YOLO_OFFLINE="1", YOLO_CONFIG_DIR=str(workdir / "ul-config"))
+    results = {}
+    for program in ("yoloattn", "yolo"):
+        folder = workdir / f"as-{program}"
+        folder.mkdir(exist_ok=True)
+        codes = []
+        for args in commands:
+            cmd = [sys.executable, "-m", "yoloattn.yolo.cli", *args] if program == "yoloattn" else [yolo, *args]
+            codes.append(_run(cmd, offline, folder, check=False).returncode)
+        results[program] = (codes, _files(folder))
+    (codes_a, files_a), (codes_y, files_y) = results["yoloattn"], results["yolo"]
+    assert [c == 0 for c in codes_a] == [c == 0 for c in codes_y] == [True, True, True, True, False, False]
+    assert files_a == files_y
+    assert f"runs/detect/predict/{image.name}" in files_a  # predictions are saved, as yolo saves them
+
+
+def test_help_and_version(workdir, env):
+    for flag in ("help", "--help", "-h"):
+        out = _cli(flag, env=env, cwd=workdir).stdout
+        for command in ("ablate", "bench", "visualize", "info", "insert", "version"):
+            assert f"yoloattn {command}" in out
+        assert "`yolo help`" in out  # Ultralytics' modes are pointed to, not repeated with `yolo` examples
+    out = _cli("version", env=dict(env, YOLOATTN_AUTOTUNE="0"), cwd=workdir).stdout
+    import yoloattn
+
+    assert out.startswith(f"yoloattn {yoloattn.__version__}") and "torch " in out and "ultralytics " in out
+    assert "BRA CPU kernel:" in out and "at YOLOv8n's P3" in out
+
+
+MISTAKES = [
+    (["train", "model=yolov8q-bra.yaml", "data=shapes"], "yolov8q-bra.yaml"),
+    (["train", "model=yolov8n-bra.yaml", "data=does/not/exist.yaml"], "does/not/exist.yaml"),
+    (["train", "model=yolov8n-bra.yaml", "data=shapes", "epochz=3"], "'epochz' is not a valid YOLO argument"),
+    (["val", "model=missing.pt", "data=shapes"], "never downloads"),
+    (["predict", "model=missing.pt", "source=nothing.jpg"], "never downloads"),
+    (["train", "model={bad_row}", "data=shapes"], "YAML row 16 names an unknown layer 'BiLevelRoutingAttentionn'"),
+    (["train", "model={bad_kw}", "data=shapes"], "unknown keyword argument(s) ['topkk']"),
+    (["train", "model={evil}", "data=shapes"], "refused to load"),
+    (["visualize", "model=yolov8n.yaml", "imgsz=320"], "has no BiLevelRoutingAttention or DAttention layer"),
+    (["visualize", "model=yolov8n-bra.yaml", "point=5"], "point must be 'x,y'"),
+    (["visualize", "model=yolov8n-bra.yaml", "point=5000,10"], "is outside the 810x1080 image"),
+    (["visualize", "model=yolov8n-bra.yaml", "out=somewhere"], "yoloattn visualize does not take out"),
+    (["visualize", "model=yolov8n-bra.yaml", "imgsz=100"], "must be a multiple of the model's stride 32"),
+    (["bench", "layers=nope", "models="], "unknown layer 'nope'"),
+    (["ablate", "seeds=x"], "seeds must be comma-separated integers"),
+    (["ablate", "split=train"], "split must be 'val' or 'test'"),
+    (["ablate", "models=yolov8n.yaml,yolov8n.yaml"], "distinct models"),
+    (["info", "model=yolov8n-bra.yaml", "size=3"], "yoloattn info does not take size"),
+    (["insert", "model=yolov8n.yaml", "layer=Nope"], "is not a layer a YAML row can name"),
+    (["insert", "model=yolov8n-cls.yaml", "at=p3"], "has no detection-style head"),
+    (["train", "model=yolov8n-bra.yaml", "data=shapes", "trusted=maybe"], "trusted must be True or False"),
+]
+
+
+@pytest.fixture(scope="module")
+def mistake_files(workdir):
+    base = Path(__file__).parent.parent / "src" / "yoloattn" / "yolo" / "cfg" / "yolov8-bra.yaml"
+    text = base.read_text()
+    bad_row = workdir / "bad_row.yaml"
+    bad_row.write_text(text.replace("BiLevelRoutingAttention, []", "BiLevelRoutingAttentionn, []"))
+    bad_kw = workdir / "bad_kw.yaml"
+    bad_kw.write_text(text.replace("BiLevelRoutingAttention, []", "BiLevelRoutingAttention, [{topkk: 3}]"))
+    evil = workdir / "evil.pt"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {workdir / 'PWNED'}",))
+
+    torch.save({"model": Payload()}, evil)
+    return {"bad_row": bad_row, "bad_kw": bad_kw, "evil": evil}
+
+
+def test_user_mistakes_print_one_line(workdir, env, mistake_files):
+    """Each mistake through the command's entry point (one interpreter for all, as each call is independent):
+    status 2, one `yoloattn: error:` line that says what is wrong, no traceback."""
+    calls = [[a.format(**mistake_files) for a in args] for args, _ in MISTAKES]
+    out = _python(f"""
+        import contextlib, io, json
+        from yoloattn.yolo.cli import main
+        for args in {calls!r}:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = main(args)
+            print("CALL " + json.dumps([code, err.getvalue()]))
+    """, env, workdir)
+    results = [json.loads(line[5:]) for line in out.stdout.splitlines() if line.startswith("CALL ")]
+    assert len(results) == len(MISTAKES)
+    for (args, match), (code, err) in zip(MISTAKES, results):
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        assert code == 2 and lines and lines[-1].startswith("yoloattn: error: ") and match in lines[-1], (args, err)
+        assert "Traceback" not in err, (args, err)
+    assert not (workdir / "PWNED").exists()
+
+
+def test_a_mistake_exits_2_from_the_shell(workdir, env):
+    out = _cli("ablate", "seeds=x", env=env, cwd=workdir, check=False)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "yoloattn: error: seeds must be comma-separated integers, got 'x'"]
+
+
+def test_real_crash_keeps_its_traceback(workdir, env):
+    # a layer that crashes inside PyTorch (not a user's mistake): the traceback is shown
+    out = _python("""
+        import sys, torch
+        from yoloattn.yolo import cli
+        def boom(options):
+            torch.zeros(2) @ torch.zeros(3)  # a RuntimeError from inside PyTorch
+        cli._info = boom
+        sys.exit(cli.main(["info"]))
+    """, env, workdir, check=False)
+    assert out.returncode != 0 and "Traceback" in out.stderr and "RuntimeError" in out.stderr
+    debug = _cli("ablate", "seeds=x", env=dict(env, YOLOATTN_DEBUG="1"), cwd=workdir, check=False)
+    assert "Traceback" in debug.stderr and "seeds must be comma-separated integers" in debug.stderr
 
 
 def test_seed_scripts_with_only_import_and_paths_changed(trained, workdir, env, tiny_data):

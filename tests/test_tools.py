@@ -1,14 +1,15 @@
-"""yoloattn ablate / bench / visualize at tiny settings: real runs, real PNG files."""
+"""yoloattn ablate / bench / visualize / info at tiny settings: real runs, real PNG files, honest tables."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from yoloattn.data import shapes
+from yoloattn.yolo.ablate import compare, run_flags
 
 IMGSZ = 32
 
@@ -24,18 +25,59 @@ def _png_ok(path, min_bytes=2000):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    return shapes(n_train=8, n_val=4, imgsz=64, max_objects=6, root=tmp_path_factory.mktemp("data"), progress=False)
+    return shapes(n_train=8, n_val=4, imgsz=64, root=tmp_path_factory.mktemp("data"), progress=False)
 
 
-def _cli(args, cwd, env=None):
+def _cli(args, cwd, env=None, check=True):
     proc = subprocess.run([sys.executable, "-m", "yoloattn.yolo.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=900, env=env or dict(os.environ))
-    assert proc.returncode == 0, f"{args}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    if check:
+        assert proc.returncode == 0, f"{args}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout + proc.stderr
 
 
-def test_ablate_tables_plots_and_resume(tmp_path, tiny_data):
-    args = ["ablate", f"data={tiny_data}", "models=yolov8n.yaml,yolov8n-bra.yaml", "seeds=0,1", "epochs=1",
+# ---- ablate: statistics on inputs whose answer is known -------------------------------------------------------
+def test_paired_comparison_known_answers():
+    base = {0: 0.30, 1: 0.32, 2: 0.31, 3: 0.29}
+    better = {s: v + 0.05 + 0.001 * s for s, v in base.items()}  # a consistent gain: the interval excludes 0
+    c = compare(base, better)
+    assert c["n"] == 4 and c["mean"] == pytest.approx(0.0515) and c["low"] > 0 and c["verdict"] == "better"
+    worse = {s: v - 0.04 for s, v in base.items()}
+    worse[0] -= 0.001
+    assert compare(base, worse)["verdict"] == "worse"
+    noisy = {0: 0.36, 1: 0.27, 2: 0.33, 3: 0.28}  # mean difference 0.005, spread 0.05: nothing detected
+    c = compare(base, noisy)
+    assert c["low"] < 0 < c["high"] and c["verdict"] == "no difference detected with 4 seeds"
+    # the interval is the paired t interval: mean ± t(0.975, n-1) * sd / sqrt(n); t(0.975, 3) = 3.182446
+    import statistics
+
+    diffs = [noisy[s] - base[s] for s in base]
+    assert c["high"] - c["mean"] == pytest.approx(3.182446 * statistics.stdev(diffs) / 2, rel=1e-5)
+    assert compare(base, {0: 0.4})["verdict"].startswith("one seed")
+    assert compare(base, {7: 0.4})["verdict"] == "no common seeds"
+    assert compare({0: 0.3, 1: 0.3}, {0: 0.4, 1: 0.2, 5: 0.9})["n"] == 2  # only the seeds both have
+
+
+def test_t_quantiles_match_the_tables():
+    from yoloattn.yolo.ablate import t_cdf, t_quantile
+
+    # two-sided 95% critical values of Student's t (any statistics table)
+    for dof, value in ((1, 12.706205), (2, 4.302653), (4, 2.776445), (9, 2.262157), (29, 2.045230), (200, 1.971896)):
+        assert t_quantile(0.975, dof) == pytest.approx(value, rel=1e-5)
+    assert t_quantile(0.995, 5) == pytest.approx(4.032143, rel=1e-5)
+    assert t_cdf(0.0, 7) == pytest.approx(0.5) and t_cdf(-2.262157, 9) == pytest.approx(0.025, rel=1e-5)
+
+
+def test_run_flags():
+    assert run_flags([0.1, 0.2, 0.3, 0.35, 0.36, 0.36, 0.36, 0.36]) == []  # plateaued
+    assert run_flags([0.05, 0.1, 0.15, 0.2, 0.25, 0.3]) == ["not converged"]  # still rising at the end
+    assert run_flags([0.1, 0.2, 0.3, 0.24, 0.24, 0.23, 0.22]) == ["unstable"]  # 27% below its best
+    assert run_flags([0.001, 0.004, 0.003]) == []  # a drop below 0.01 absolute is noise
+    assert run_flags([]) == []
+
+
+def test_ablate_tables_plots_reuse_and_redo(tmp_path, tiny_data):
+    args = ["ablate", f"data={tiny_data}", "models=yolov8n.yaml,yolov8n-bra.yaml", "seeds=0,1", "epochs=2",
             f"imgsz={IMGSZ}", "batch=4", "workers=0", f"project={tmp_path}", "name=abl"]
     log = _cli(args, tmp_path)
     out = tmp_path / "abl"
@@ -44,48 +86,105 @@ def test_ablate_tables_plots_and_resume(tmp_path, tiny_data):
     assert [(r["model"], r["seed"]) for r in runs] == [("yolov8n.yaml", "0"), ("yolov8n.yaml", "1"),
                                                        ("yolov8n-bra.yaml", "0"), ("yolov8n-bra.yaml", "1")]
     assert all(float(r["gflops"]) > 0 and float(r["latency_ms"]) > 0 and int(r["params"]) > 0 for r in runs)
+    assert all(int(r["epochs"]) == 2 and 1 <= int(r["best_epoch"]) <= 2 for r in runs)
     assert float(runs[2]["params"]) > float(runs[0]["params"])  # the BRA layer adds parameters
     table = (out / "results.md").read_text()
-    assert "| yolov8n-bra.yaml | 2 |" in table and " ± " in table and "mAP50-95" in table
+    assert "final epoch, val split" in table and "95% paired-t interval" in table
+    assert "| yolov8n-bra.yaml | 2 |" in table and "(baseline)" in table
+    assert ("no difference detected with 2 seeds" in table or "better" in table or "worse" in table)
+    assert "trained: " in table and "reused: " not in table
     for name in ("map_vs_latency.png", "map_curves.png"):
         _png_ok(out / name)
-    assert "yolov8n-bra.yaml" in log
-    # a second call reuses every finished run
-    before = {p: p.stat().st_mtime for p in out.glob("*/ablate.json")}
-    _cli(args, tmp_path)
-    assert {p: p.stat().st_mtime for p in out.glob("*/ablate.json")} == before
+    assert "0 of 4 runs reused" in log
+    # the same call reuses every run ...
+    log = _cli(args, tmp_path)
+    assert "4 of 4 runs reused" in log and "reused: " in (out / "results.md").read_text()
+    # ... a changed argument trains again, into its own folders
+    log = _cli([*args[:-1], "lr0=0.005", "name=abl"], tmp_path)
+    assert "0 of 4 runs reused" in log
+    assert len({r["config_hash"] for r in csv.DictReader(open(out / "results.csv"))}) == 4
+    assert len(list(out.glob("*/ablate.json"))) == 8
 
 
-def test_bench_tables_and_chart(tmp_path):
+def test_ablate_charts_have_no_overlapping_text(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from yoloattn._plots import overlapping_texts, save
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([0.0, 2.0], [0.0, 1.0], "o")
+    for name in ["yolov8n", "yolov8n-bra", "yolov8n-dat"]:  # three models at (nearly) one point
+        ax.annotate(name, (1.0, 0.5), textcoords="offset points", xytext=(5, 4))
+    assert overlapping_texts(fig)  # three labels on one spot overlap ...
+    save(fig, tmp_path / "x.png")
+    assert not overlapping_texts(fig)  # ... until save() spreads them
+
+
+# ---- bench --------------------------------------------------------------------------------------------------
+def test_bench_rows_name_backend_and_build(tmp_path):
     log = _cli(["bench", "layers=bra,dat,conv3x3", "maps=P5", "batches=1", "models=yolov8n.yaml,yolov8n-bra.yaml",
-                "imgsz=64", f"out={tmp_path}"], tmp_path)
-    assert "| bra | P5 | (1, 256, 20, 20) |" in log and "| dat | P5 |" in log and "| conv3x3 | P5 |" in log
-    assert "| yolov8n-bra.yaml |" in log
+                "imgsz=64", "train=2x64", "memory=False", f"out={tmp_path}"], tmp_path)
+    assert "| bra | P5 | (1, 256, 20, 20) | reference |" in log and "| bra | P5 | (1, 256, 20, 20) | sdpa |" in log
+    assert "| dat | P5 | (1, 256, 20, 20) | fused |" in log and "| conv3x3 | P5 |" in log
+    assert "cpu[" in log and "threads" in log  # the kernel's build (ISA) in its rows, the machine in the header
+    assert "| yolov8n-bra.yaml | inference |" in log and "| yolov8n-bra.yaml | train | 2 × 64 |" in log
     _png_ok(tmp_path / "bench.png")
-    assert (tmp_path / "bench.json").exists()
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert {r["backend"] for r in data["layers"] if r["layer"] == "bra"} >= {"reference", "sdpa"}
 
 
-@pytest.mark.parametrize("model,kind", [("yolov8n-bra.yaml", "bra"), ("yolov8n-dat.yaml", "dat")])
-def test_visualize_draws_over_the_picture(tmp_path, model, kind):
-    import cv2
+@pytest.mark.slow
+def test_bench_peak_memory_rows(tmp_path):
+    log = _cli(["bench", "layers=bra", "maps=P5", "batches=1", "models=", f"out={tmp_path}"], tmp_path)
+    rows = [line for line in log.splitlines() if line.startswith("| bra | P5")]
+    assert rows and all(line.split("|")[7].strip() not in ("", "—") for line in rows)  # peak MiB measured
+
+
+def test_bench_chart_text_does_not_overlap():
+    from yoloattn._plots import overlapping_texts
+    from yoloattn.bench.report import chart
+
+    layer_rows = [dict(layer=layer, map=m, shape=[8, 64, 80, 80], backend=b, fwd_ms=10.0 + i, fwdbwd_ms=30.0 + i)
+                  for i, (layer, m, b) in enumerate((l, m, b) for l in ("bra", "dat") for m in ("P3", "P4", "P5")
+                                                    for b in ("reference", "sdpa", "cpu[avx512]", "cpu[avx2]"))]
+    model_rows = [dict(model=f"yolov8n-{k}.yaml", mode=mode, batch=8, imgsz=320, ms=100.0, ratio=1.0 + 0.1 * i)
+                  for i, k in enumerate(("base", "bra", "dat")) for mode in ("inference", "train")]
+    fig = chart(layer_rows, model_rows, "a machine")
+    assert overlapping_texts(fig) == []
+
+
+# ---- visualize ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_bra(tmp_path_factory, tiny_data):
+    folder = tmp_path_factory.mktemp("vis-train")
+    _cli(["train", "model=yolov8n-bra.yaml", f"data={tiny_data}", "epochs=1", "imgsz=64", "batch=4", "workers=0",
+          f"project={folder}", "name=run", "plots=False"], folder)
+    return folder / "run" / "weights" / "best.pt"
+
+
+def test_visualize_bra_points_in_original_pixels(tmp_path, trained_bra, tiny_data):
+    image = next((tiny_data.parent / "images" / "val").glob("*.png"))
+    args = ["visualize", f"model={trained_bra}", f"source={image}", "imgsz=64", "point=10,20,50,40",
+            f"project={tmp_path}", "name=vis"]
+    log = _cli(args, tmp_path)
+    first = tmp_path / "vis" / f"{image.stem}_bra_layer16.png"
+    _png_ok(first)
+    assert "point (10,20)" in log and "point (50,40)" in log and "logit" in log and " w 0." in log
+    assert "untrained" not in log
+    _cli(args, tmp_path)  # a second run does not overwrite the first: a numbered folder, as for predict
+    assert (tmp_path / "vis2" / first.name).exists() or (tmp_path / "vis-2" / first.name).exists()
+
+
+def test_visualize_dat_and_untrained_warning(tmp_path):
     from ultralytics.utils import ASSETS
 
-    log = _cli(["visualize", f"model={model}", f"source={ASSETS / 'bus.jpg'}", "imgsz=320", "point=160,160",
-                f"out={tmp_path}"], tmp_path)
-    path = tmp_path / f"bus_{kind}_layer16.png"
-    drawn = _png_ok(path)
-    assert drawn.shape[:2] == (320, 320)
-    from ultralytics.data.augment import LetterBox
-
-    plain = LetterBox((320, 320), auto=False, stride=32)(image=cv2.imread(str(ASSETS / "bus.jpg")))
-    assert np.abs(drawn.astype(int) - plain.astype(int)).mean() > 1.0  # something was drawn on top
-    assert ("routes to" if kind == "bra" else "sampling points per group") in log
-
-
-def test_visualize_rejects_models_without_attention(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "yoloattn.yolo.cli", "visualize", "model=yolov8n.yaml",
-                           "imgsz=320", f"out={tmp_path}"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "has no BiLevelRoutingAttention or DAttention layer" in proc.stderr
+    log = _cli(["visualize", "model=yolov8n-dat.yaml", f"source={ASSETS / 'bus.jpg'}", "imgsz=320",
+                f"project={tmp_path}", "name=d", "exist_ok=True"], tmp_path)
+    _png_ok(tmp_path / "d" / "bus_dat_layer16.png")
+    assert "untrained" in log and "sampling points; offset length" in log
 
 
 def test_info_prints_summary_and_layers(tmp_path):

@@ -2,9 +2,10 @@
 
 ``import yoloattn`` arranges, without importing Ultralytics, that when Ultralytics is imported its YAML
 parser knows yoloattn's layers (rows such as ``[-1, 1, BiLevelRoutingAttention, []]`` build in stock
-Ultralytics) and that it runs offline (see :mod:`yoloattn.yolo.offline` for exactly what is set). If
-Ultralytics is imported already, both happen at once. ``yoloattn.nn`` holds the layers alone: pure
-PyTorch, no Ultralytics.
+Ultralytics) and that it runs offline (see :mod:`yoloattn.yolo.offline` for exactly what is set), and that
+when timm is imported it knows ``biformer_tiny``/``small``/``base``. If they are imported already, it happens
+at once. ``yoloattn.nn`` holds the layers alone (pure PyTorch, no Ultralytics), ``yoloattn.models`` whole
+networks (BiFormer).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ _LAZY = {  # Ultralytics-facing names, imported on first use
     "YOLOv10": "yoloattn.yolo.model",
     "MAIN_JOB": "yoloattn.yolo.cli",
     "register": "yoloattn.yolo.register",
+    "insert": "yoloattn.yolo.insert",
     "transfer_weights": "yoloattn.yolo.model",
 }
 
@@ -37,6 +39,7 @@ __all__ = [
     "YOLO",
     "YOLOv10",
     "__version__",
+    "insert",
     "get_backend",
     "ops",
     "register",
@@ -73,6 +76,13 @@ def _after_tasks(tasks) -> None:
     register(tasks)
 
 
+def _after_timm(_module) -> None:
+    from .models import register_timm
+
+    register_timm()  # biformer_tiny/small/base in timm.create_model
+
+
 _hooks.before_import("ultralytics", _before_ultralytics)
+_hooks.after_import("timm", _after_timm)
 _hooks.after_import("ultralytics.utils", _after_ultralytics_utils)
 _hooks.after_import("ultralytics.nn.tasks", _after_tasks)

@@ -106,7 +106,7 @@ def published_dir(target: Path, build: Callable[[Path], None], what: str) -> Pat
         problem = check_manifest(target)
         if problem is None:  # another process built it while we waited
             return target
-        _remove_stale_temporaries(parent, f"{target.name}-")
+        _remove_stale_temporaries(parent, "")  # of every configuration: their names hold their dead owner's pid
         if target.exists():
             LOGGER.warning("yoloattn: %s in %s is damaged (%s); generating it again", what, target, problem)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-{os.getpid()}-", suffix=".tmp", dir=parent))

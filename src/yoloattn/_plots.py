@@ -11,10 +11,18 @@ from pathlib import Path
 __all__ = ["overlapping_texts", "save"]
 
 
+def _tick_labels(axis):
+    """The tick labels matplotlib draws: those of ticks inside the view limits (it skips the others)."""
+    low, high = sorted(axis.get_view_interval())
+    eps = (high - low) * 1e-9
+    return [tick.label1 for tick in axis.get_major_ticks()
+            if low - eps <= tick.get_loc() <= high + eps and tick.label1.get_text() and tick.label1.get_visible()]
+
+
 def _texts(fig):
     texts = []
     for ax in fig.axes:
-        texts += [t for t in ax.get_xticklabels() + ax.get_yticklabels() if t.get_text()]
+        texts += _tick_labels(ax.xaxis) + _tick_labels(ax.yaxis)
         texts += [t for t in (ax.xaxis.label, ax.yaxis.label, ax.title) if t.get_text()]
         texts += [t for t in ax.texts if t.get_text()]
         legend = ax.get_legend()
@@ -23,10 +31,18 @@ def _texts(fig):
     return texts
 
 
+def _renderer(fig):
+    if not hasattr(fig.canvas, "get_renderer"):  # a figure made without a drawing backend: give it Agg's canvas
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    return fig.canvas.get_renderer()
+
+
 def overlapping_texts(fig) -> list[tuple[str, str]]:
     """Pairs of visible texts of ``fig`` whose rendered boxes overlap."""
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
+    renderer = _renderer(fig)
     boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in _texts(fig) if t.get_visible()]
     pairs = []
     for i, (a, box_a) in enumerate(boxes):
@@ -38,8 +54,7 @@ def overlapping_texts(fig) -> list[tuple[str, str]]:
 
 def _spread_annotations(fig, steps: int = 60) -> None:
     """Nudge colliding annotations of each axis apart vertically (in display space) until they are clear."""
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
+    renderer = _renderer(fig)
     for ax in fig.axes:
         notes = [t for t in ax.texts if t.get_text() and hasattr(t, "xyann")]
         for _ in range(steps):

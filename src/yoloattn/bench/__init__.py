@@ -1,6 +1,3 @@
-"""Speed and memory measurement of the yoloattn layers and of whole models (``yoloattn bench``)."""
-
-from .layers import LAYERS, run_layer_benchmark
-from .models import run_model_benchmark
-
-__all__ = ["LAYERS", "run_layer_benchmark", "run_model_benchmark"]
+"""Speed and memory measurement of the yoloattn layers and of whole models (``yoloattn bench``):
+:mod:`.layers` (every backend of every layer), :mod:`.models` (inference and training steps), :mod:`.profile`
+(where BRA's time goes) and :mod:`.report` (the command)."""

@@ -24,7 +24,7 @@ def chart(layer_rows: list[dict], model_rows: list[dict], machine: str):
 
     panels = [p for p in (layer_rows, model_rows) if p]
     height = max(4.0, 0.32 * max(len(layer_rows), 2 * len({r["model"] for r in model_rows})) + 1.8)
-    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), height), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), height), squeeze=False, layout="constrained")
     axes = list(axes[0])
     if layer_rows:
         ax = axes.pop(0)
@@ -63,7 +63,8 @@ def chart(layer_rows: list[dict], model_rows: list[dict], machine: str):
 
 
 def bench(layers="bra,dat,conv3x3", maps="P3,P4,P5", batches="1", models="yolov8n.yaml,yolov8n-bra.yaml,yolov8n-dat.yaml",
-          imgsz=640, train="8x320", device="cpu", dtype="float32", threads=2, build=None, out="runs/bench") -> dict:
+          imgsz=640, train="8x320", device="cpu", dtype="float32", threads=2, build=None, memory=True,
+          out="runs/bench") -> dict:
     """Run the layer benchmark and the model benchmark, print both tables, write JSON and a PNG chart.
 
     Args:
@@ -73,6 +74,7 @@ def bench(layers="bra,dat,conv3x3", maps="P3,P4,P5", batches="1", models="yolov8
         train: training steps as ``BATCHxIMGSZ`` (comma-separated), ``train=`` (empty) skips them.
         device, dtype, threads: where and how to measure.
         build: the CPU kernel's ``-march`` target for the model table (e.g. ``x86-64-v3``); default native.
+        memory: also measure each layer backend's peak memory (a fresh process per row).
         out: directory for ``bench.json`` and ``bench.png``.
     """
     from .layers import run_layer_benchmark
@@ -86,8 +88,8 @@ def bench(layers="bra,dat,conv3x3", maps="P3,P4,P5", batches="1", models="yolov8
     train_shapes = [tuple(int(v) for v in s.lower().split("x")) for s in _csv_list(train)]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    layer_rows = (run_layer_benchmark(layer_list, _csv_list(maps), _csv_list(batches, int), device, dtype, int(threads))
-                  if layer_list else [])
+    layer_rows = (run_layer_benchmark(layer_list, _csv_list(maps), _csv_list(batches, int), device, dtype, int(threads),
+                                      memory=bool(memory)) if layer_list else [])
     modes = ["inference", *(["train"] if train_shapes else [])]
     model_rows = (run_model_benchmark(model_list, int(imgsz), device, int(threads), modes=modes,
                                       train_shapes=train_shapes, build=build) if model_list else [])

@@ -1,5 +1,5 @@
 """Built-in datasets."""
 
-from .shapes import SHAPES_CLASSES, shapes
+from .scenes import FLIP_IDX, LEVELS, SHAPES_CLASSES, TASKS, parse_alias, shapes
 
-__all__ = ["SHAPES_CLASSES", "shapes"]
+__all__ = ["FLIP_IDX", "LEVELS", "SHAPES_CLASSES", "TASKS", "parse_alias", "shapes"]

@@ -142,10 +142,11 @@ class Op:
         """The names a caller may ask for: ``'auto'`` and every backend."""
         return (AUTO, *self.backends)
 
-    def check_name(self, name: str | None, what: str = "backend") -> str | None:
+    def check_name(self, name: str | None, what: str | None = None) -> str | None:
         """``name`` if it is None or one of :meth:`names`, else ``ValueError`` naming the allowed ones."""
         if name is not None and (not isinstance(name, str) or name not in self.names()):
-            raise ValueError(f"{what} for {self.name} must be None or one of {self.names()}, got {name!r}")
+            raise ValueError(f"{what or f'backend for {self.name}'} must be None or one of {self.names()}, "
+                             f"got {name!r}")
         return name
 
     def requested(self, override: str | None = None) -> str:
@@ -273,7 +274,7 @@ def _load_environment() -> None:
     for entry in filter(None, (e.strip() for e in text.split(","))):
         op, sep, name = entry.partition(":")
         if sep:
-            _check_per_op(op.strip(), name.strip(), f"YOLOATTN_BACKEND entry {entry!r}")
+            _check_per_op(op.strip(), name.strip(), f"YOLOATTN_BACKEND entry {entry!r}: the backend")
             _per_op[op.strip()] = name.strip()
         else:
             _global = _check_global(entry, "YOLOATTN_BACKEND")

@@ -6,14 +6,14 @@ related key windows; then every query token attends to all tokens of those windo
 (:func:`yoloattn.nn.functional.routed_attention`). A depthwise conv on the values (LePE)
 adds local position information.
 
-This module reproduces the layer of BiFormer's released checkpoints (``bra_legacy``) and
-the YOLO blog posts, with NCHW input and output, the same constructor and the same
-state_dict keys. Differences from that code, all deliberate:
+This module reproduces the layer of BiFormer's released checkpoints (``ops/bra_legacy.py`` of the
+official repository, the layer YOLO users paste), with NCHW input and output, the same constructor and
+the same state_dict keys. Differences from that code, all deliberate:
 
 - impossible settings raise ``ValueError`` when the layer is built, not at forward time;
 - the routing logits and their top-k are computed in fp32 even under autocast, so bf16/fp16
   runs route like fp32 runs;
-- with ``ret_attn_mask=True`` the first output is NCHW like the usual output (the seed
+- with ``ret_attn_mask=True`` the first output is NCHW like the usual output (BiFormer's
   returned it NHWC);
 - the default backends never build the attention matrix (see :mod:`yoloattn.nn.functional.routed_attention`).
 """

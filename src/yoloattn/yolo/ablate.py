@@ -13,7 +13,7 @@ built to survive a skeptical reviewer:
   excludes 0, else "no difference detected with N seeds".
 - **Stability shown.** A run is flagged "not converged" when its validation mAP50-95 was still rising at
   the end (the least-squares slope over its last quarter of epochs, at least 3, would add more than 10% of
-  the final value over that window) and "unstable" when its final mAP50-95 is more than 20% below its own
+  the final value, and at least 0.01, over that window) and "unstable" when its final mAP50-95 is more than 20% below its own
   best (and at least 0.01 lower): a larger drop than seed-to-seed spread usually is, so its best epoch
   would misrepresent it. The curves plot marks each run's best and final points.
 - **Honest reuse.** A finished run is reused only when its whole configuration matches: model, data (its
@@ -35,7 +35,7 @@ import statistics
 import time
 from pathlib import Path
 
-__all__ = ["ABLATE_DEFAULTS", "ablate", "compare", "run_flags"]
+__all__ = ["ABLATE_DEFAULTS", "ablate", "compare", "run_flags", "t_cdf", "t_quantile"]
 
 # Defaults: the built-in data, the three layouts, two seeds, about 10 minutes on 2 CPU cores.
 ABLATE_DEFAULTS = {
@@ -149,7 +149,8 @@ def run_flags(curve: list[float]) -> list[str]:
         xs = range(window)
         mean_x, mean_y = (window - 1) / 2, statistics.fmean(ys)
         slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-        if slope * window > NOT_CONVERGED_GAIN * max(curve[-1], 1e-9):
+        gain = slope * window
+        if gain > NOT_CONVERGED_GAIN * curve[-1] and gain >= 0.01:
             flags.append("not converged")
     if curve:
         best, final = max(curve), curve[-1]
@@ -158,15 +159,48 @@ def run_flags(curve: list[float]) -> list[str]:
     return flags
 
 
-def _t_quantile(p: float, dof: int) -> float:
-    try:
-        from scipy.stats import t
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b), by its continued fraction (modified Lentz)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast below the mean; use the symmetry above it
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x)) / a
+    tiny = 1e-300
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / (c if abs(c) > tiny else tiny)
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-14:
+            break
+    return front * (f - 1.0)
 
-        return float(t.ppf(p, dof))
-    except ImportError:  # Ultralytics installs scipy; this fallback covers a bare environment (normal approximation)
-        from statistics import NormalDist
 
-        return NormalDist().inv_cdf(p)
+def t_cdf(t: float, dof: int) -> float:
+    """The CDF of Student's t distribution with ``dof`` degrees of freedom."""
+    tail = 0.5 * _betainc(dof / 2, 0.5, dof / (dof + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(p: float, dof: int) -> float:
+    """The ``p`` quantile of Student's t distribution (bisection on :func:`t_cdf`; no SciPy needed)."""
+    low, high = -1e3, 1e3
+    for _ in range(200):
+        mid = (low + high) / 2
+        if t_cdf(mid, dof) < p:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
 
 
 def compare(baseline: dict[int, float], other: dict[int, float], confidence: float = 0.95) -> dict:
@@ -190,7 +224,7 @@ def compare(baseline: dict[int, float], other: dict[int, float], confidence: flo
         return {"n": 1, "mean": mean, "low": None, "high": None,
                 "verdict": "one seed: no interval (use seeds=0,1,2 or more)"}
     sd = statistics.stdev(diffs)
-    half = _t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
     low, high = mean - half, mean + half
     verdict = ("better" if low > 0 else "worse" if high < 0 else f"no difference detected with {n} seeds")
     return {"n": n, "mean": mean, "low": low, "high": high, "verdict": verdict}

@@ -56,6 +56,9 @@ yoloattn's own commands (key=value arguments, all optional):
       where BRA routes and where DAT samples, drawn over the image
   yoloattn info model=yolov8n-bra.yaml imgsz=640
       layer table, parameters, GFLOPs at imgsz and the attention layers a model holds
+  yoloattn insert model=yolo11n.yaml layer=BiLevelRoutingAttention at=p3 topk=8
+      write the model's YAML with the layer inserted (at=p3,p4,p5,head,backbone-p4,backbone,<row>), every
+      later index renumbered; extra key=value pairs are the layer's keywords
 
 Ultralytics' modes take yolo's syntax and behave as under yolo (see `yolo help`):
   yoloattn train model=yolov8s-bra.yaml data=data.yaml epochs=100 imgsz=640
@@ -67,9 +70,9 @@ Ultralytics' modes take yolo's syntax and behave as under yolo (see `yolo help`)
 Docs: the README of yoloattn; errors print one line (YOLOATTN_DEBUG=1 shows the traceback).
 """
 
-_OWN_COMMANDS = ("ablate", "bench", "visualize", "info")
+_OWN_COMMANDS = ("ablate", "bench", "visualize", "info", "insert")
 # exceptions a user's mistake raises (from yoloattn's checks or Ultralytics' argument/data/file checks)
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, SyntaxError, KeyError, ImportError)
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, SyntaxError, KeyError)
 _USER_ERROR_SOURCES = ("yoloattn", "ultralytics")
 
 
@@ -78,9 +81,19 @@ class UsageError(ValueError):
 
 
 def _key_values(args: list[str]) -> dict:
-    from ultralytics.cfg import parse_key_value_pair
+    """``key=value`` arguments as Ultralytics reads them (numbers, booleans and None parsed); an empty value
+    (``models=``) stays an empty string."""
+    from ultralytics.cfg import smart_value
 
-    return dict(parse_key_value_pair(a) for a in args if "=" in a)
+    out = {}
+    for arg in args:
+        if "=" not in arg:
+            continue
+        key, value = (part.strip() for part in arg.split("=", 1))
+        if not key:
+            raise UsageError(f"argument {arg!r} has no key; write key=value")
+        out[key] = smart_value(value) if value else ""
+    return out
 
 
 @contextlib.contextmanager
@@ -150,6 +163,18 @@ def _visualize(options: dict) -> None:
     visualize(**options)
 
 
+def _insert(options: dict) -> None:
+    """``yoloattn insert model=... layer=... at=...``: every other key=value is a keyword of the layer."""
+    from .insert import insert
+
+    for key in ("model", "layer"):
+        if key not in options:
+            raise UsageError(f"yoloattn insert needs {key}=, e.g. yoloattn insert model=yolo11n.yaml "
+                             "layer=BiLevelRoutingAttention at=p3")
+    own = {k: options.pop(k) for k in ("model", "layer", "at", "out", "scale") if k in options}
+    insert(own["model"], own["layer"], own.get("at", "p3"), own.get("out"), own.get("scale"), **options)
+
+
 def _info(options: dict) -> None:
     """Model summary (layers, parameters, GFLOPs at ``imgsz``) and the yoloattn layers it holds."""
     from ultralytics.utils import LOGGER
@@ -171,8 +196,8 @@ def version_text() -> str:
     import torch
 
     from .. import __version__
-    from ..nn.functional import routed_attention as ra
     from ..nn.functional import routed_attention_cpu as cpu
+    from ..nn.functional.routed_attention import _AUTOTUNE, _TUNER, _candidates
     from .compat import installed_version
 
     lines = [f"yoloattn {__version__}",
@@ -186,10 +211,10 @@ def version_text() -> str:
     # YOLOv8n's P3 at 640: 49 windows of 12x12 queries over 4 routed windows, 8 heads of 8 channels
     for training, mode in ((0, "inference"), (1, "training")):
         key = (training, 49, 12, 12, 144, 4, 8, 64, 64, torch.get_num_threads())
-        if not ra._AUTOTUNE:
+        if not _AUTOTUNE:
             lines.append(f"  {mode} at YOLOv8n's P3: cpu (YOLOATTN_AUTOTUNE=0: the kernel wherever it can run)")
             continue
-        record = ra._TUNER.choose(info["build_id"], ",".join(map(str, key)), ra._candidates(key))
+        record = _TUNER.choose(info["build_id"], ",".join(map(str, key)), _candidates(key))
         ms = ", ".join(f"{name} {value:.2f} ms" for name, value in record["ms"].items())
         lines.append(f"  {mode} at YOLOv8n's P3: {record['winner']} (measured once on this machine: {ms})")
     return "\n".join(lines)
@@ -219,7 +244,7 @@ def _dispatch(args: list[str]) -> int:
         positional = [a for a in args[1:] if "=" not in a]
         if positional:
             raise UsageError(f"yoloattn {args[0]} takes key=value arguments, got {' '.join(positional)}")
-        {"ablate": _ablate, "bench": _bench, "visualize": _visualize, "info": _info}[args[0]](options)
+        {"ablate": _ablate, "bench": _bench, "visualize": _visualize, "info": _info, "insert": _insert}[args[0]](options)
         return 0
     positional = [a for a in args if "=" not in a]
     keys = _key_values(args) if args else {}
@@ -244,11 +269,16 @@ def _is_user_error(error: BaseException) -> bool:
     """A mistake to report in one line: an argument/file/configuration error raised by yoloattn's or Ultralytics'
     own checks (an error from inside PyTorch or elsewhere is a crash and keeps its traceback)."""
     from ..nn.backends import BackendUnavailableError
+    from .compat import UnsupportedUltralyticsError
 
-    if isinstance(error, BackendUnavailableError):
+    if isinstance(error, (BackendUnavailableError, UnsupportedUltralyticsError)):
         return True
-    if not isinstance(error, _USER_ERRORS) or isinstance(error, (ModuleNotFoundError,)):
-        return False
+    if isinstance(error, RuntimeError) and error.__cause__ is not None and _raised_by_checks(error):
+        return _is_user_error(error.__cause__)  # Ultralytics wraps a dataset's missing file in a RuntimeError
+    return isinstance(error, _USER_ERRORS) and _raised_by_checks(error)
+
+
+def _raised_by_checks(error: BaseException) -> bool:
     frames = traceback.extract_tb(error.__traceback__)
     origin = frames[-1].filename if frames else ""
     return any(f"{os.sep}{package}{os.sep}" in origin for package in _USER_ERROR_SOURCES)

@@ -29,7 +29,6 @@ __all__ = ["CFG_DIR", "YOLO", "YOLOv10", "resolve_data", "resolve_model", "shipp
 CFG_DIR = Path(__file__).parent / "cfg"
 # family + scale + rest, e.g. yolov8 n -bra, yolo11 s -bra, yolov10 b -bra
 _SCALED_NAME = re.compile(r"^(?P<family>yolo(?:v)?\d+)(?P<scale>[nsmblx])(?P<rest>-[\w.-]+?)\.ya?ml$")
-_DATA_ALIASES = ("shapes", "shapes.yaml")
 
 
 def shipped_models() -> list[str]:
@@ -49,6 +48,9 @@ def resolve_model(model):
         return model
     if (CFG_DIR / text).exists():
         return str(CFG_DIR / text)
+    variant = _TASK_VARIANT.match(text)
+    if variant and variant["layer"] in LAYER_SHORT_NAMES:
+        return _task_variant(variant)
     match = _SCALED_NAME.match(text)
     if not match or not (CFG_DIR / f"{match['family']}{match['rest']}.yaml").exists():
         return model
@@ -62,7 +64,7 @@ def resolve_model(model):
     if scale not in cfg.get("scales", {}):
         raise ValueError(f"{base.name} has no scale {scale!r}; it has {sorted(cfg.get('scales', {}))}")
     cfg["scales"] = {scale: cfg["scales"][scale]}
-    from ..data.shapes import cache_dir
+    from .._cache import cache_dir
 
     out = cache_dir() / "cfg" / text
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -70,12 +72,37 @@ def resolve_model(model):
     return str(out)
 
 
-def resolve_data(data):
-    """``'shapes'`` -> the built-in dataset's YAML (generated on first use); anything else unchanged."""
-    if isinstance(data, str) and data in _DATA_ALIASES:
-        from ..data import shapes
+# yoloattn's layers by the short name its model YAMLs use
+LAYER_SHORT_NAMES = {"bra": "BiLevelRoutingAttention", "dat": "DAttention", "dlka": "DLKA", "ema": "EMA", "cpca": "CPCA",
+                     "msca": "MSCA", "polarized": "PolarizedSelfAttention", "sea": "SeaAttention", "msda": "MSDA",
+                     "acmix": "ACmix", "hab": "HAB"}
+# where a task model gets the layer: the P3 input of the Segment/Pose/OBB head (as the detection models have it),
+# and for classification the backbone's P4 stage (14x14 at 224: the P5 stage is 7x7, a single window for BRA)
+TASK_POSITIONS = {"seg": "p3", "pose": "p3", "obb": "p3", "cls": "backbone-p4"}
+_TASK_VARIANT = re.compile(r"^(?P<stock>yolo(?:v)?\d+[nsmlx]?-(?P<task>seg|pose|obb|cls))-(?P<layer>\w+)\.ya?ml$")
 
-        return str(shapes())
+
+def _task_variant(match) -> str:
+    """``yolov8n-seg-bra.yaml``: Ultralytics' ``yolov8n-seg.yaml`` with the layer inserted by :func:`insert`."""
+    from .._cache import cache_dir
+    from .insert import insert
+
+    out = cache_dir() / "cfg" / match.group(0)
+    insert(f"{match['stock']}.yaml", LAYER_SHORT_NAMES[match["layer"]], TASK_POSITIONS[match["task"]], out=out,
+           verbose=False)
+    return str(out)
+
+
+def resolve_data(data):
+    """The built-in data by name (generated on first use) -> its YAML (a folder for classification); anything
+    else unchanged. Names: ``shapes`` (detection, easy), ``shapes-hard``, ``shapes-seg``, ``shapes-pose``,
+    ``shapes-obb``, ``shapes-cls``, and their ``-hard`` forms (e.g. ``shapes-seg-hard``)."""
+    from ..data import parse_alias, shapes
+
+    if isinstance(data, str) and not os.path.exists(data):
+        options = parse_alias(data)
+        if options is not None:
+            return str(shapes(**options))
     return data
 
 
@@ -103,6 +130,8 @@ def transfer_weights(model: torch.nn.Module, source, verbose: bool = True, trust
     """
     if isinstance(source, (str, Path)):
         source = load_checkpoint(source, trusted)
+    if _is_state_dict_checkpoint(source):
+        return _load_backbones(model, source, verbose)
     src = (source.get("ema") or source["model"]) if isinstance(source, dict) else source
     src_types, dst_types = _layer_types(src), _layer_types(model)
     matcher = difflib.SequenceMatcher(a=src_types, b=dst_types, autojunk=False)
@@ -126,6 +155,37 @@ def transfer_weights(model: torch.nn.Module, source, verbose: bool = True, trust
         UL_LOGGER.info(f"yoloattn: transferred {len(moved)}/{len(dst_state)} tensors ({len(moved)} of the "
                        f"{n_src} pretrained tensors) across the shifted layers")
     return {"transferred": len(moved), "total": len(dst_state), "layer_map": layer_map}
+
+
+def _is_state_dict_checkpoint(source) -> bool:
+    """An official BiFormer (timm-style) checkpoint: weights as a plain state dict, under 'model' or at the top."""
+    if not isinstance(source, dict):
+        return False
+    inner = source.get("model", source.get("state_dict", source))
+    return isinstance(inner, dict) and bool(inner) and all(isinstance(v, torch.Tensor) for v in inner.values())
+
+
+def _load_backbones(model: torch.nn.Module, checkpoint: dict, verbose: bool) -> dict:
+    """An official BiFormer ImageNet checkpoint into every BiFormer backbone row of ``model``; every tensor counted."""
+    from ..models.biformer import load_checkpoint as load_biformer
+    from .layers import BiFormer
+
+    rows = [(i, layer) for i, layer in enumerate(getattr(model, "model", [])) if isinstance(layer, BiFormer)]
+    if not rows:
+        raise ValueError("these weights are a plain state dict (an official BiFormer checkpoint), but the model has no "
+                         "BiFormer backbone row to load them into; use a model such as yolov8n-biformer.yaml")
+    moved = 0
+    for i, layer in rows:
+        result = load_biformer(layer.body, checkpoint, strict=True)
+        moved += len(layer.body.state_dict()) - len(result.missing_keys)
+        if verbose:
+            from ultralytics.utils import LOGGER as UL_LOGGER
+
+            UL_LOGGER.info(f"yoloattn: loaded {len(layer.body.state_dict()) - len(result.missing_keys)}/"
+                           f"{len(layer.body.state_dict())} tensors of the BiFormer-{layer.variant} backbone (row {i}) "
+                           f"from the official checkpoint (its classifier norm/head dropped; missing: "
+                           f"{result.missing_keys or 'none'})")
+    return {"transferred": moved, "total": len(model.state_dict()), "layer_map": {}}
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,7 +266,13 @@ class YOLO(_UltralyticsYOLO):
             kwargs["model"] = resolve_model(kwargs["model"])
             self._verify(kwargs["model"], "model")
         if isinstance(kwargs.get("pretrained"), (str, Path)):
-            self._verify(kwargs["pretrained"], "pretrained weights")
+            path = kwargs["pretrained"]
+            require_file(path, "pretrained weights")
+            checkpoint = load_checkpoint(path, getattr(self, "_trusted", None))
+            if _is_state_dict_checkpoint(checkpoint):  # an official BiFormer .pth: into the backbone, now
+                _load_backbones(self.model, checkpoint, verbose=True)
+                kwargs["pretrained"] = False
+                self.ckpt = self.ckpt or {"model": self.model}  # the trainer then starts from self.model
         if isinstance(kwargs.get("resume"), (str, Path)):
             self._verify(kwargs["resume"], "resume checkpoint")
         return super().train(trainer=trainer, **kwargs)

@@ -20,17 +20,17 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import sys
 import threading
 
 import torch
 
 from .compat import UnsupportedUltralyticsError, installed_version
-from .layers import YAML_LAYERS
 
 __all__ = ["UnsupportedUltralyticsError", "check_internals", "register", "safe_classes"]
 
 LOGGER = logging.getLogger("yoloattn")
-_lock = threading.Lock()
+_lock = threading.RLock()  # the layers package may finish a registration from inside one
 _done = False
 # the names yoloattn's YAML layers read from parse_model's frame (see layers.py)
 PARSE_MODEL_LOCALS = ("i", "f", "ch")
@@ -69,6 +69,8 @@ def _resolvable(name: str, namespace: dict) -> bool:
 
 
 def _check_rows(d: dict, namespace: dict) -> None:
+    from .layers import YAML_LAYERS
+
     rows = list(d.get("backbone") or []) + list(d.get("head") or [])
     for i, row in enumerate(rows):
         if not isinstance(row, (list, tuple)) or len(row) != 4:
@@ -95,18 +97,22 @@ def _wrap_parse_model(tasks) -> None:
 
 
 def safe_classes() -> list[type]:
-    """Every yoloattn class a checkpoint can hold (allowed by ``torch.load(weights_only=True)``)."""
+    """Every yoloattn module class a checkpoint can hold (allowed by ``torch.load(weights_only=True)``)."""
+    import pkgutil
+
     import torch.nn as nn
 
+    from .. import models as yoloattn_models
     from .. import nn as yoloattn_nn
+    from .layers import YAML_LAYERS
 
     classes = set(YAML_LAYERS.values())
-    for module in list(vars(yoloattn_nn).values()):
-        if isinstance(module, type) and issubclass(module, nn.Module):
-            classes.add(module)
-    # submodules the layers build (routers, projections, norms, ...), which the package does not export
-    for module_name in ("bra", "biformer", "dat"):
-        module = importlib.import_module(f"..nn.{module_name}", __package__)
+    # every nn.Module class of the layer and network modules: the submodules the layers build (routers,
+    # projections, norms) and the BiFormer backbone's
+    names = [f"{package.__name__}.{info.name}" for package in (yoloattn_nn, yoloattn_models)
+             for info in pkgutil.iter_modules(package.__path__)]
+    for name in names:
+        module = importlib.import_module(name)
         for value in vars(module).values():
             if isinstance(value, type) and issubclass(value, nn.Module) and value.__module__ == module.__name__:
                 classes.add(value)
@@ -136,12 +142,20 @@ def register(tasks=None) -> None:
     global _done
     if _done:
         return
+    layers = sys.modules.get(f"{__package__}.layers")
+    if layers is not None and getattr(layers, "_loading", False):
+        return  # the layers package is being imported (it imports Ultralytics' blocks); it registers when complete
     if tasks is None:
         from ultralytics.nn import tasks  # importing it may register right here, through yoloattn's import hook
     with _lock:
         if _done:
             return
         check_internals(tasks)
+        from .layers import YAML_LAYERS  # imports Ultralytics' blocks: only once Ultralytics is there
+
+        if _done:  # importing the layers package completed the registration
+            return
+
         namespace = vars(tasks)
         for name, cls in YAML_LAYERS.items():
             existing = namespace.get(name)
