@@ -22,8 +22,9 @@ __all__ = ["CATEGORIES", "profile_bra"]
 
 # op name -> category; first match wins
 CATEGORIES = [
-    ("attention (kernel forward)", ("yoloattn::routed_attention",)),
+    # a custom op with autograd runs its forward inside an autograd function named GeneratedBackwardFor_<op>
     ("attention (kernel backward)", ("yoloattn::routed_attention_backward",)),
+    ("attention (kernel forward)", ("yoloattn::routed_attention", "GeneratedBackwardFor_yoloattn_routed_attention")),
     ("attention (sdpa, gathers)", ("scaled_dot_product", "_flash_attention", "index_select", "index_add", "gather",
                                    "_efficient_attention", "softmax_backward")),
     ("projections (qkv, wo) and grads", ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul")),
@@ -36,7 +37,7 @@ CATEGORIES = [
 
 def _category(name: str) -> str:
     for category, keys in CATEGORIES:
-        if any(name == k or (k in name and not name.startswith("yoloattn::")) or name.startswith(k + ".")
+        if any(name == k or name.startswith(k) if k.startswith(("yoloattn::", "Generated")) else k in name
                for k in keys):
             return category
     return "other (element-wise, reductions, autograd)"
