@@ -33,16 +33,15 @@ YOLOV8N_MAPS = {"P3": (64, 80, 80), "P4": (128, 40, 40), "P5": (256, 20, 20)}
 X86_BUILDS = ("x86-64-v3", "x86-64")
 
 
-def _bra(c):
-    from ..nn.bra import BiLevelRoutingAttention
+def _yolo_layer(name: str):
+    """The YOLO face of a layer (what a YAML row ``[-1, 1, name, []]`` builds), with its defaults."""
 
-    return BiLevelRoutingAttention(c)  # BiFormer's defaults: n_win=7, 8 heads, topk=4
+    def build(c):
+        from ..yolo import layers
 
+        return getattr(layers, name)(c)
 
-def _dat(c):
-    from ..nn.dat import DAttention
-
-    return DAttention(c)  # head dim 32, stride 8, table position bias
+    return build
 
 
 def _conv(c):
@@ -53,8 +52,17 @@ def _conv(c):
 
 # layer name -> (builder taking the channel count, the op whose backends are compared, or None)
 LAYERS = {
-    "bra": (_bra, "routed_attention"),
-    "dat": (_dat, "deformable_attention"),
+    "bra": (_yolo_layer("BiLevelRoutingAttention"), "routed_attention"),  # n_win 7, 8 heads, topk 4
+    "dat": (_yolo_layer("DAttention"), "deformable_attention"),  # head dim 32, stride 8, table position bias
+    "ema": (_yolo_layer("EMA"), "ema"),
+    "cpca": (_yolo_layer("CPCA"), "cpca"),
+    "msca": (_yolo_layer("MSCA"), "msca"),
+    "polarized": (_yolo_layer("PolarizedSelfAttention"), "polarized_attention"),
+    "sea": (_yolo_layer("SeaAttention"), "sea_attention"),
+    "msda": (_yolo_layer("MSDA"), "msda"),
+    "acmix": (_yolo_layer("ACmix"), "acmix"),
+    "hab": (_yolo_layer("HAB"), "hab"),
+    "dlka": (_yolo_layer("DLKA"), "deform_conv2d"),
     "conv3x3": (_conv, None),
 }
 
@@ -63,6 +71,7 @@ def implementations(layer: str, device: str = "cpu") -> list[str]:
     """The implementations a row set compares: the op's backends, the CPU kernel once per build."""
     if layer not in LAYERS:
         raise ValueError(f"unknown layer {layer!r}; choose from {sorted(LAYERS)}")
+    import yoloattn.nn  # noqa: F401  (registers every op and its backends)
     from ..nn.backends import ops
 
     op = LAYERS[layer][1]
