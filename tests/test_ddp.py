@@ -13,7 +13,7 @@ import torch
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-@pytest.mark.parametrize("model", ["yolov8n-bra.yaml", "yolov8n-dat.yaml"])
+@pytest.mark.parametrize("model", ["yolov8n-bra.yaml", pytest.param("yolov8n-dat.yaml", marks=pytest.mark.slow)])
 def test_ddp_gradients_equal_the_single_process_average(tmp_path, model):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")

@@ -126,7 +126,7 @@ def test_unwritable_cache_builds_in_a_private_directory(tmp_path):
     assert "is not writable" in stderr and "for this process" in stderr
 
 
-@pytest.mark.parametrize("cxx", ["/no/such/compiler", "false"])
+@pytest.mark.parametrize("cxx", ["/no/such/compiler", pytest.param("false", marks=pytest.mark.slow)])
 def test_no_working_compiler_falls_back_to_sdpa_and_says_so_once(tmp_path, cxx):
     result, stderr = run_probe(tmp_path / "cache", {"CXX": cxx})
     assert result == {"backend": "sdpa", "available": False, "diff": result["diff"]} and result["diff"] < 1e-5

@@ -106,6 +106,19 @@ def test_ablate_tables_plots_reuse_and_redo(tmp_path, tiny_data):
     assert len(list(out.glob("*/ablate.json"))) == 8
 
 
+def test_ablate_study_preset(tmp_path):
+    from yoloattn.yolo.ablate import STUDIES, ablate
+
+    with pytest.raises(ValueError, match="study='nope' is not a known study; known: reference"):
+        ablate(study="nope")
+    # every model the reference study names builds
+    from yoloattn import YOLO
+
+    study = STUDIES["reference"]
+    for model in study["models"].split(","):
+        assert YOLO(model).model is not None
+
+
 def test_ablate_charts_have_no_overlapping_text(tmp_path):
     import matplotlib
 

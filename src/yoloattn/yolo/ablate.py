@@ -35,7 +35,7 @@ import statistics
 import time
 from pathlib import Path
 
-__all__ = ["ABLATE_DEFAULTS", "ablate", "compare", "run_flags", "t_cdf", "t_quantile"]
+__all__ = ["ABLATE_DEFAULTS", "STUDIES", "ablate", "compare", "run_flags", "t_cdf", "t_quantile"]
 
 # Defaults: the built-in data, the three layouts, two seeds, about 10 minutes on 2 CPU cores.
 ABLATE_DEFAULTS = {
@@ -52,6 +52,20 @@ ABLATE_DEFAULTS = {
     "project": "runs/ablate",
     "name": "",
     "split": "val",
+}
+# Named studies: ``study=reference`` reproduces the study in docs/results.md (about an hour on 2 CPU cores).
+# Its values replace the defaults; arguments given with it still win.
+STUDIES = {
+    "reference": {
+        "data": "shapes-hard",
+        "models": "yolov8n.yaml,yolov8n-bra.yaml,yolov8n-dat.yaml,yolov8n-ema.yaml,yolo11n.yaml",
+        "seeds": "0,1,2",
+        "epochs": 20,
+        "imgsz": 160,
+        "batch": 8,
+        "close_mosaic": 5,
+        "name": "reference",
+    },
 }
 _OWN_KEYS = ("models", "seeds", "project", "name", "split")
 NOT_CONVERGED_GAIN = 0.10  # relative gain over the last quarter of epochs that counts as "still rising"
@@ -406,6 +420,8 @@ def ablate(**kwargs) -> dict:
         seeds: comma-separated integer seeds.
         data: dataset YAML or ``'shapes'`` (the built-in data; ``shapes-hard`` its harder level).
         split: ``'val'`` (final-epoch validation metrics) or ``'test'`` (the final weights on the test split).
+        study: a named set of these arguments from :data:`STUDIES` (``'reference'``: the study reported in
+            ``docs/results.md``); arguments given next to it override it.
         project, name: output directory ``project/name`` (name defaults to the data's stem).
         **kwargs: Ultralytics train arguments (epochs, imgsz, batch, device, ...), the same for every run.
 
@@ -417,7 +433,10 @@ def ablate(**kwargs) -> dict:
 
     from .model import resolve_data
 
-    args = {**ABLATE_DEFAULTS, **kwargs}
+    study = kwargs.pop("study", None)
+    if study is not None and study not in STUDIES:
+        raise ValueError(f"study={study!r} is not a known study; known: {', '.join(STUDIES)}")
+    args = {**ABLATE_DEFAULTS, **STUDIES.get(study, {}), **kwargs}
     models = _listify(args.pop("models"))
     try:
         seeds = [int(s) for s in _listify(args.pop("seeds"))]
