@@ -5,7 +5,8 @@ layer and input (so the machine's drift cancels out of their ratios), and one fr
 implementation measures its peak memory. A row per implementation names its backend and, for the
 compiled CPU kernel, the build (``cpu[avx512]``, ``cpu[avx2]``, ``cpu[sse2]``: every ``-march`` target
 this machine can run). Ratios are against the layer's ``reference`` backend (the official math); Ultralytics'
-3x3 ``Conv`` of the same width is a row for scale.
+3x3 ``Conv`` of the same width is a row for scale. "fwd" is inference (eval mode, no autograd: BatchNorms use
+their running statistics and may fold); "f+b" and memory are a training step (train mode, forward and backward).
 
     python -m yoloattn.bench.layers --layers bra --maps P3 --batches 1
 """
@@ -136,8 +137,11 @@ def _worker(spec: dict) -> dict:
     impls = spec["impls"]
     if spec["what"] == "memory":
         return {impls[0]: {"peak_mib": peak_memory_mib(lambda: forward_backward(impls[0]), dev)}}
+    # forward as in inference (eval mode: BatchNorms use running statistics and may fold), f+b as in training
+    layer.eval()
     with torch.no_grad():
         fwd = interleaved_rounds({i: (lambda i=i: forward(i)) for i in impls}, dev, rounds=7, reps=3, budget_s=20)
+    layer.train()
     fwdbwd = interleaved_rounds({i: (lambda i=i: forward_backward(i)) for i in impls}, dev, rounds=7, reps=2,
                                 budget_s=40)
     return {i: {"fwd_rounds": fwd[i], "fwdbwd_rounds": fwdbwd[i]} for i in impls}
