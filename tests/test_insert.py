@@ -17,7 +17,8 @@ from yoloattn.yolo.insert import _build, _positions, insert, insert_rows
 
 STOCK = Path(ultralytics.__file__).parent / "cfg" / "models"
 CORE = ["v8/yolov8.yaml", "11/yolo11.yaml", "11/yolo11-seg.yaml", "v8/yolov8-pose.yaml", "11/yolo11-obb.yaml",
-        "v8/yolov8-cls.yaml", "v10/yolov10n.yaml", "12/yolo12.yaml", "26/yolo26.yaml", "v5/yolov5.yaml"]
+        "v8/yolov8-cls.yaml", "v10/yolov10n.yaml", "12/yolo12.yaml", "26/yolo26.yaml", "v5/yolov5.yaml",
+        "rt-detr/rtdetr-l.yaml"]
 
 
 def _sources(f, i):
@@ -65,21 +66,14 @@ def test_core_yamls_every_position(name):
         _check_connections(d, at)
 
 
-def _all_stock():
-    for path in sorted(STOCK.rglob("*.yaml")):
-        try:
-            d = _stock(path)
-            task = guess_model_task(d)
-            _build(d, task)
-        except Exception:  # noqa: BLE001 - models Ultralytics itself cannot build offline (CLIP text heads, ...)
-            continue
-        yield pytest.param(path, id=str(path.relative_to(STOCK)))
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("path", _all_stock())
+@pytest.mark.parametrize("path", [pytest.param(p, id=str(p.relative_to(STOCK))) for p in sorted(STOCK.rglob("*.yaml"))])
 def test_every_stock_yaml(path):
     d = _stock(path)
+    try:
+        _build(d, guess_model_task(d))
+    except Exception as e:  # noqa: BLE001 - models Ultralytics itself cannot build offline (CLIP text heads, ...)
+        pytest.skip(f"Ultralytics cannot build {path.name} here: {e}")
     for at in _positions_for(d):
         try:
             _check_connections(d, at)

@@ -84,8 +84,12 @@ def _build(d: dict, task: str):
     register()
     classes = {"detect": tasks.DetectionModel, "segment": tasks.SegmentationModel, "pose": tasks.PoseModel,
                "obb": tasks.OBBModel, "classify": tasks.ClassificationModel}
+    head = d["head"][-1][2] if d.get("head") else None
+    if head == "RTDETRDecoder":
+        task, classes = "detect", {"detect": tasks.RTDETRDetectionModel}
     if task not in classes:
-        raise ValueError(f"yoloattn insert supports the tasks {sorted(classes)}, not {task!r}")
+        raise ValueError(f"yoloattn insert supports the tasks {sorted(classes)} and RT-DETR; this model's task "
+                         f"could not be told from its last row ({head})")
     d = copy.deepcopy(d)
     d.pop("yaml_file", None)
     return classes[task](d, verbose=False)
