@@ -4,7 +4,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from seed_reference import seed_bra_forward
+from official_bra_reference import official_bra_forward
 from yoloattn import BiFormerBlock, use_backend
 
 MODES = [4, 1, -1, -2, 0]
@@ -28,7 +28,7 @@ def _seed_block(block, x, topk):
 
     def attn(t):
         if topk > 0:
-            return seed_bra_forward(block.attn, t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            return official_bra_forward(block.attn, t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if topk in (-1, -2):
             return _seed_attention(block.attn, t, lepe=topk == -2)
         return block.attn(t)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seed_reference import seed_bra_forward
+from official_bra_reference import official_bra_forward
 from yoloattn import use_backend
 from yoloattn.models import (
     BiFormer,
@@ -201,7 +201,7 @@ def _mhsa(attn, t, lepe):
 def _attention(block, t, topk, qk_dim, head_dim):
     if topk > 0:
         assert block.attn.num_heads == qk_dim // head_dim and block.attn.scale == qk_dim ** -0.5  # official
-        return seed_bra_forward(block.attn, t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return official_bra_forward(block.attn, t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     if topk < 0:
         return _mhsa(block.attn, t, lepe=topk == -2)
     _, c1, c2, c3, _ = block.attn

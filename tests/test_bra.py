@@ -1,4 +1,4 @@
-"""Bi-Level Routing Attention: fast path vs reference vs the seed's math, errors, export."""
+"""Bi-Level Routing Attention: fast path vs reference vs the official math, errors, export."""
 
 import io
 import logging
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from seed_reference import seed_bra_forward
+from official_bra_reference import official_bra_forward
 from yoloattn import BiLevelRoutingAttention, use_backend
 from yoloattn.nn import backends as backends_module
 from yoloattn.nn.functional import routed_attention, routed_attention_reference, routed_attention_sdpa
@@ -78,7 +78,7 @@ def test_fast_matches_reference_and_seed(name, kwargs, shape, impl):
     _assert_same(fast, ref, atol=1e-5)
     assert fast[0].shape == x.shape
 
-    seed_out = seed_bra_forward(layer, x)
+    seed_out = official_bra_forward(layer, x)
     seed_grads = torch.autograd.grad((seed_out * torch.linspace(-1, 1, seed_out.numel()).view_as(seed_out)).sum(),
                                      [x, *layer.parameters()], allow_unused=True)
     _assert_same(fast, (seed_out.detach(), seed_grads), atol=1e-5)
@@ -139,7 +139,7 @@ def test_auto_pad_off_divisible():
     layer = BiLevelRoutingAttention(32, num_heads=4, auto_pad=False)
     x = _input(32, (2, 14, 21))
     _assert_same(_run(layer, x, "auto"), _run(layer, x, "reference"), atol=1e-5)
-    torch.testing.assert_close(layer(x), seed_bra_forward(layer, x), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(layer(x), official_bra_forward(layer, x), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
@@ -148,7 +148,7 @@ def test_ret_attn_mask(backend):
     x = torch.randn(2, 32, 13, 9)
     with use_backend(backend):
         out, r_weight, r_idx, attn = layer(x, ret_attn_mask=True)
-    s_out, s_weight, s_idx, s_attn = seed_bra_forward(layer, x, ret_attn_mask=True)
+    s_out, s_weight, s_idx, s_attn = official_bra_forward(layer, x, ret_attn_mask=True)
     torch.testing.assert_close(out, s_out, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(r_weight, s_weight)
     assert torch.equal(r_idx, s_idx)
@@ -329,7 +329,7 @@ def test_state_dict_keys_match_seed_layout():
 
 
 def test_seed_state_dict_loads_strict():
-    # a state_dict laid out as the seed's module saves it (its keys in its registration order)
+    # a state_dict laid out as the official module saves it (its keys in its registration order)
     seed_layout = {
         "lepe.weight": torch.randn(32, 1, 5, 5), "lepe.bias": torch.randn(32),
         "router.emb.weight": torch.randn(16, 16), "router.emb.bias": torch.randn(16),

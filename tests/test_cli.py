@@ -324,8 +324,8 @@ def test_real_crash_keeps_its_traceback(workdir, env):
     assert "Traceback" in debug.stderr and "seeds must be comma-separated integers" in debug.stderr
 
 
-def test_seed_scripts_with_only_import_and_paths_changed(trained, workdir, env, tiny_data):
-    # seed 000 §5 (YOLOv10(yaml).train(...)) and seed 003 §3-4 (YOLO(yaml), train, YOLO(best, task), plot)
+def test_users_training_scripts_with_only_import_and_paths_changed(trained, workdir, env, tiny_data):
+    # the YOLOv10 + BRA and YOLOv8 + BRA training scripts users copy (YOLOv10(yaml).train(...); YOLO(yaml), train, YOLO(best, task), plot)
     out = _python(f"""
         from yoloattn import YOLO, YOLOv10
         import warnings

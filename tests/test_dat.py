@@ -1,10 +1,10 @@
-"""Deformable attention: fast vs reference vs the seed's math in every mode, odd sizes, dtypes, ONNX, errors."""
+"""Deformable attention: fast vs reference vs the official math in every mode, odd sizes, dtypes, ONNX, errors."""
 
 import numpy as np
 import pytest
 import torch
 
-from seed_dat_reference import seed_dat_forward
+from official_dat_reference import official_dat_forward
 from yoloattn import use_backend
 from yoloattn.nn.dat import DAttention, DAttentionBaseline
 
@@ -57,7 +57,7 @@ def test_fast_matches_reference_and_seed_at_q_size(mode):
     x = torch.randn(2, 32, 12, 16, requires_grad=True)
     fast, ref = _run(m, x, "fused"), _run(m, x, "reference")
     _close(fast, ref)
-    seed = seed_dat_forward(m, x)
+    seed = official_dat_forward(m, x)
     for u, v in zip(fast[0], seed):
         torch.testing.assert_close(u, v.detach(), atol=1e-5, rtol=1e-4)
 
@@ -71,8 +71,8 @@ def test_other_sizes_finite_and_paths_agree(mode, shape):
     _close(fast, ref)
     assert all(torch.isfinite(t).all() for t in fast[0])
     assert all(torch.isfinite(g).all() for g in fast[1] if g is not None)
-    if min(shape) > 1 and min((s + 3) // 4 for s in shape) > 1:  # where the seed itself is defined
-        for u, v in zip(fast[0], seed_dat_forward(m, x)):
+    if min(shape) > 1 and min((s + 3) // 4 for s in shape) > 1:  # where the official code itself is defined
+        for u, v in zip(fast[0], official_dat_forward(m, x)):
             torch.testing.assert_close(u, v.detach(), atol=1e-5, rtol=1e-4)
 
 
@@ -128,7 +128,7 @@ def test_state_dict_keys_match_seed_layout():
     common = ["conv_offset.0.weight", "conv_offset.0.bias", "conv_offset.1.norm.weight", "conv_offset.1.norm.bias",
               "conv_offset.3.weight", "proj_q.weight", "proj_q.bias", "proj_k.weight", "proj_k.bias", "proj_v.weight",
               "proj_v.bias", "proj_out.weight", "proj_out.bias"]
-    assert keys() == ["rpe_table"] + common  # a direct Parameter comes before submodules, as in the seed
+    assert keys() == ["rpe_table"] + common  # a direct Parameter comes before submodules, as in the official code
     assert keys(dwc_pe=True) == common + ["rpe_table.weight", "rpe_table.bias"]
     assert keys(log_cpb=True) == common + ["rpe_table.0.weight", "rpe_table.0.bias", "rpe_table.2.weight"]
     assert keys(use_pe=False) == common and keys(no_off=True, ksize=4) == common

@@ -1,7 +1,7 @@
-"""Test-only re-statement of the seed BRA forward (seed 000 / BiFormer bra_legacy math).
+"""Test-only re-statement of BiFormer's released BRA forward (its bra_legacy math).
 
 It reads the parameters of a :class:`yoloattn.BiLevelRoutingAttention` and recomputes the
-output the way the seed does, step by step in its own layout (window-partition first, then
+output the way the official code does, step by step in its own layout (window-partition first, then
 the qkv projection, einops reshapes, expand+gather, explicit softmax), so the whole layer
 (padding, projections, pooling, routing, LePE, cropping) is checked against an independent
 statement of the math, not only the attention kernel.
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
-def seed_bra_forward(layer, x, ret_attn_mask=False):
+def official_bra_forward(layer, x, ret_attn_mask=False):
     """x: (N, C, H, W) -> (N, C, H, W), or (out NCHW, r_weight, r_idx, attn) like the layer."""
     n_win, qk_dim, dim, heads = layer.n_win, layer.qk_dim, layer.dim, layer.num_heads
     x = rearrange(x, "n c h w -> n h w c")
@@ -35,7 +35,7 @@ def seed_bra_forward(layer, x, ret_attn_mask=False):
     else:
         lepe = 0.0
 
-    # router (fp32, like yoloattn; the seed used the input dtype)
+    # router (fp32, like yoloattn; the official code used the input dtype)
     if not layer.diff_routing:
         q_win, k_win = q_win.detach(), k_win.detach()
     q_hat, k_hat = layer.router.emb(q_win.float()), layer.router.emb(k_win.float())

@@ -1,8 +1,8 @@
-"""Test-only re-statement of seed 002's DAttentionBaseline.forward (DAT's code path, DAT's grids).
+"""Test-only re-statement of DAT's DAttentionBaseline.forward (the official code path, DAT's grids).
 
 It reads a :class:`yoloattn.nn.dat.DAttentionBaseline`'s parameters and recomputes the outputs
-with the seed's own steps: grids built in place in the input dtype, (y, x) order with index
-shuffles, einsum attention, explicit softmax. Valid where the seed is (H, W, Hk, Wk > 1).
+with the official code's own steps: grids built in place in the input dtype, (y, x) order with index
+shuffles, einsum attention, explicit softmax. Valid where the official code is (H, W, Hk, Wk > 1).
 """
 
 import einops
@@ -29,7 +29,7 @@ def _q_grid(h, w, b, dtype, device):
     return ref[None, ...].expand(b, -1, -1, -1)
 
 
-def seed_dat_forward(m, x):
+def official_dat_forward(m, x):
     B, C, H, W = x.size()
     dtype, device = x.dtype, x.device
     q = m.proj_q(x)
