@@ -63,8 +63,9 @@ def assert_key_layout(module, layout):
 
 
 def onnx_matches_onnxruntime(module, example_shape, other_shapes, tmp_path, atol=2e-5, backend_op=None,
-                             backend=None):
-    """Export with dynamic N/H/W (opset 17) and compare onnxruntime with the module at other sizes."""
+                             backend=None, expected=None):
+    """Export with dynamic N/H/W (opset 17) and compare onnxruntime at other sizes with ``expected(module, x)``
+    (default: the module itself on the same backend)."""
     ort = pytest.importorskip("onnxruntime")
     module = module.eval()
     path = tmp_path / "layer.onnx"
@@ -80,9 +81,9 @@ def onnx_matches_onnxruntime(module, example_shape, other_shapes, tmp_path, atol
     for shape in other_shapes:
         x = torch.randn(shape, generator=generator)
         with context(), torch.no_grad():
-            expected = module(x).numpy()
+            want = (expected(module, x) if expected else module(x)).numpy()
         got = session.run(None, {"x": x.numpy()})[0]
-        np.testing.assert_allclose(got, expected, atol=atol, rtol=1e-4, err_msg=f"shape {shape}")
+        np.testing.assert_allclose(got, want, atol=atol, rtol=1e-4, err_msg=f"shape {shape}")
 
 
 def deterministic_twice(fn):

@@ -1,10 +1,10 @@
 """CPCA (CPCANet RepBlock): official keys, official math on outputs and gradients for every backend, ONNX, errors."""
 
-import numpy as np
 import pytest
 import torch
 
 import official_conv_attentions as official
+from attention_checks import onnx_matches_onnxruntime
 from official_conv_attentions import one_thread  # noqa: F401 (autouse fixture)
 from yoloattn.nn.backends import use_backend
 from yoloattn.nn.cpca import CPCA, CPCA_OP, CPCA_ChannelAttention, CPCAChannelAttention, RepBlock
@@ -125,18 +125,9 @@ def test_bf16_autocast_train_eval_deterministic(backend):
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_onnx_dynamic_matches_onnxruntime(backend, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    m = _layer(8).eval()
-    path = tmp_path / "cpca.onnx"
-    with use_backend(cpca=backend), torch.no_grad():
-        torch.onnx.export(m, (torch.randn(1, 8, 24, 32),), str(path), opset_version=17, dynamo=False,
-                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for shape in [(2, 8, 13, 40), (1, 8, 5, 3)]:
-        x = torch.randn(shape)
-        with torch.no_grad():
-            expected = official.cpca(m, x).numpy()
-        np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected, atol=2e-5, rtol=1e-4)
+    onnx_matches_onnxruntime(_layer(8), (1, 8, 24, 32), [(2, 8, 13, 40), (1, 8, 5, 3)], tmp_path,
+                             backend_op="cpca", backend=backend,
+                             expected=official.cpca)
 
 
 @pytest.mark.parametrize("make,error,match", [

@@ -1,10 +1,10 @@
 """MSCA (SegNeXt): official keys, official math on outputs and gradients for every backend, layouts, ONNX, errors."""
 
-import numpy as np
 import pytest
 import torch
 
 import official_conv_attentions as official
+from attention_checks import onnx_matches_onnxruntime
 from official_conv_attentions import one_thread  # noqa: F401 (autouse fixture)
 from yoloattn.nn.backends import use_backend
 from yoloattn.nn.msca import MSCA, MSCA_OP, AttentionModule, MSCAAttention, MSCASpatialAttention, depthwise, strip_pairs
@@ -149,18 +149,9 @@ def test_bf16_autocast_train_eval_deterministic(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", [MSCA, MSCASpatialAttention])
 def test_onnx_dynamic_matches_onnxruntime(cls, backend, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    m = _layer(cls, 8).eval()
-    path = tmp_path / "msca.onnx"
-    with use_backend(msca=backend), torch.no_grad():
-        torch.onnx.export(m, (torch.randn(1, 8, 24, 32),), str(path), opset_version=17, dynamo=False,
-                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for shape in [(2, 8, 13, 40), (1, 8, 5, 3)]:
-        x = torch.randn(shape)
-        with torch.no_grad():
-            expected = official.msca(m, x) if cls is MSCA else official.msca_spatial(m, x)
-        np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected.numpy(), atol=2e-5, rtol=1e-4)
+    onnx_matches_onnxruntime(_layer(cls, 8), (1, 8, 24, 32), [(2, 8, 13, 40), (1, 8, 5, 3)], tmp_path,
+                             backend_op="msca", backend=backend,
+                             expected=official.msca if cls is MSCA else official.msca_spatial)
 
 
 @pytest.mark.parametrize("make,error,match", [

@@ -2,11 +2,11 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 import official_conv_attentions as official
+from attention_checks import onnx_matches_onnxruntime
 from official_conv_attentions import one_thread  # noqa: F401 (autouse fixture)
 from yoloattn.nn.backends import use_backend
 from yoloattn.nn.polarized import POLARIZED_ATTENTION, PSA_p, PSA_s, PolarizedSelfAttention
@@ -129,18 +129,9 @@ def test_bf16_autocast_train_eval_deterministic(mode, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["p", "s"])
 def test_onnx_dynamic_matches_onnxruntime(mode, backend, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    m = _layer(16, mode).eval()
-    path = tmp_path / "psa.onnx"
-    with use_backend(polarized_attention=backend), torch.no_grad():
-        torch.onnx.export(m, (torch.randn(1, 16, 24, 32),), str(path), opset_version=17, dynamo=False,
-                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for shape in [(2, 16, 13, 40), (1, 16, 5, 3)]:
-        x = torch.randn(shape)
-        with torch.no_grad():
-            expected = official.psa(m, x).numpy()
-        np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected, atol=2e-5, rtol=1e-4)
+    onnx_matches_onnxruntime(_layer(16, mode), (1, 16, 24, 32), [(2, 16, 13, 40), (1, 16, 5, 3)], tmp_path,
+                             backend_op="polarized_attention", backend=backend,
+                             expected=official.psa)
 
 
 @pytest.mark.parametrize("make,error,match", [

@@ -1,11 +1,11 @@
 """Sea-Attention (SeaFormer): official keys (BN buffers too), official math in train and eval for every backend."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import official_conv_attentions as official
+from attention_checks import onnx_matches_onnxruntime
 from official_conv_attentions import one_thread  # noqa: F401 (autouse fixture)
 from yoloattn.nn.backends import BackendUnavailableError, use_backend
 from yoloattn.nn.sea import SEA_ATTENTION, Conv2d_BN, Sea_Attention, SeaAttention, h_sigmoid
@@ -185,18 +185,10 @@ def test_bf16_autocast_train_eval_deterministic(backend):
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_onnx_dynamic_matches_onnxruntime(backend, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    m = _layer(dim=8, key_dim=4, num_heads=2).eval()
-    path = tmp_path / "sea.onnx"
-    with use_backend(sea_attention=backend), torch.no_grad():
-        torch.onnx.export(m, (torch.randn(1, 8, 16, 16),), str(path), opset_version=17, dynamo=False,
-                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for shape in [(2, 8, 13, 40), (1, 8, 5, 3)]:
-        x = torch.randn(shape)
-        with torch.no_grad():
-            expected = official.sea(m, x).numpy()
-        np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected, atol=2e-5, rtol=1e-4)
+    onnx_matches_onnxruntime(_layer(dim=8, key_dim=4, num_heads=2), (1, 8, 16, 16), [(2, 8, 13, 40), (1, 8, 5, 3)],
+                             tmp_path,
+                             backend_op="sea_attention", backend=backend,
+                             expected=official.sea)
 
 
 @pytest.mark.parametrize("make,error,match", [
