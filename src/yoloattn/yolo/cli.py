@@ -52,7 +52,7 @@ yoloattn: Ultralytics' yolo command with yoloattn's attention layers, models and
 yoloattn's own commands (key=value arguments, all optional):
   yoloattn ablate models=yolov8n.yaml,yolov8n-bra.yaml seeds=0,1,2 data=data.yaml epochs=100
       train every model with identical settings per seed; paired differences to the first, plots
-      (yoloattn ablate study=reference: the study in docs/results.md, about an hour on 2 CPU cores)
+      (yoloattn ablate study=reference: the study in docs/results.md, about 1.5 hours on 2 CPU cores)
   yoloattn bench layers=bra,dat,conv3x3 maps=P3,P4,P5 batches=1 models=yolov8n.yaml,yolov8n-bra.yaml
       layer and whole-model speed and memory (every backend and CPU build), with a chart
   yoloattn visualize model=best.pt source=img.jpg point=320,240
