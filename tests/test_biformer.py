@@ -10,7 +10,7 @@ from yoloattn import BiFormerBlock, use_backend
 MODES = [4, 1, -1, -2, 0]
 
 
-def _seed_attention(attn, x, lepe):
+def _official_attention(attn, x, lepe):
     """BiFormer's Attention / AttentionLePE math on NHWC x, restated for the test."""
     n, h, w, c = x.shape
     tokens = rearrange(x, "n h w c -> n (h w) c")
@@ -21,7 +21,7 @@ def _seed_attention(attn, x, lepe):
     return rearrange(attn.proj(out), "n (h w) c -> n h w c", h=h, w=w)
 
 
-def _seed_block(block, x, topk):
+def _official_block(block, x, topk):
     """BiFormer Block.forward restated (pre/post norm, layer scale), eval mode."""
     x = x + block.pos_embed(x)
     x = x.permute(0, 2, 3, 1)
@@ -30,7 +30,7 @@ def _seed_block(block, x, topk):
         if topk > 0:
             return official_bra_forward(block.attn, t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if topk in (-1, -2):
-            return _seed_attention(block.attn, t, lepe=topk == -2)
+            return _official_attention(block.attn, t, lepe=topk == -2)
         return block.attn(t)
 
     g1 = block.gamma1 if block.use_layer_scale else 1.0
@@ -47,7 +47,7 @@ def _seed_block(block, x, topk):
 @pytest.mark.parametrize("pre_norm", [True, False])
 @pytest.mark.parametrize("layer_scale", [-1, 1e-2])
 @pytest.mark.parametrize("topk", MODES)
-def test_block_modes_match_seed_and_backends(topk, layer_scale, pre_norm):
+def test_block_modes_match_official_and_backends(topk, layer_scale, pre_norm):
     block = BiFormerBlock(32, num_heads=4, n_win=2, topk=topk, layer_scale_init_value=layer_scale,
                           pre_norm=pre_norm, mlp_dwconv=topk == 4, auto_pad=True).eval()
     x = torch.randn(2, 32, 9, 7, requires_grad=True)
@@ -59,12 +59,12 @@ def test_block_modes_match_seed_and_backends(topk, layer_scale, pre_norm):
     torch.testing.assert_close(outs["auto"][0], outs["reference"][0], atol=1e-5, rtol=1e-4)
     for a, b in zip(outs["auto"][1], outs["reference"][1]):
         torch.testing.assert_close(a, b, atol=3e-5 * max(1.0, b.abs().max().item()), rtol=1e-4)
-    torch.testing.assert_close(outs["auto"][0], _seed_block(block, x, topk), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outs["auto"][0], _official_block(block, x, topk), atol=1e-5, rtol=1e-4)
     assert outs["auto"][0].shape == x.shape
 
 
-def test_block_defaults_like_seed_example():
-    block = BiFormerBlock(128)  # seed: Block(dim=128) on (1, 128, 28, 28)
+def test_block_defaults_like_the_official_example():
+    block = BiFormerBlock(128)  # the official example: Block(dim=128) on (1, 128, 28, 28)
     assert block.attn.kv_downsample_mode == "ada_avgpool" and block.attn.side_dwconv == 5
     assert not block.attn.auto_pad and block.mlp[0].out_features == 512
     assert block(torch.randn(1, 128, 28, 28)).shape == (1, 128, 28, 28)
@@ -97,7 +97,7 @@ def test_bf16_autocast_finite():
     assert torch.isfinite(out.float()).all()
 
 
-def test_state_dict_keys_match_seed_layout():
+def test_state_dict_keys_match_the_official_layout():
     assert list(BiFormerBlock(64, mlp_dwconv=True, layer_scale_init_value=1e-6).state_dict()) == [
         "gamma1", "gamma2", "pos_embed.weight", "pos_embed.bias", "norm1.weight", "norm1.bias",
         "attn.lepe.weight", "attn.lepe.bias", "attn.qkv.qkv.weight", "attn.qkv.qkv.bias", "attn.wo.weight",
@@ -112,14 +112,14 @@ def test_state_dict_keys_match_seed_layout():
     assert "pos_embed.weight" not in BiFormerBlock(64, before_attn_dwconv=0).state_dict()
 
 
-def test_seed_block_state_dict_loads_strict():
+def test_official_block_state_dict_loads_strict():
     # keys in BiFormer's registration order (gamma registered last there); load must not care about order
     reference = BiFormerBlock(32, num_heads=4, layer_scale_init_value=1.0).state_dict()
-    seed_order = {k: torch.randn_like(v) for k, v in reference.items() if not k.startswith("gamma")}
-    seed_order.update(gamma1=torch.randn(32), gamma2=torch.randn(32))
+    official_order = {k: torch.randn_like(v) for k, v in reference.items() if not k.startswith("gamma")}
+    official_order.update(gamma1=torch.randn(32), gamma2=torch.randn(32))
     block = BiFormerBlock(32, num_heads=4, layer_scale_init_value=1.0)
-    block.load_state_dict(seed_order, strict=True)
-    assert torch.equal(block.gamma2, seed_order["gamma2"])
+    block.load_state_dict(official_order, strict=True)
+    assert torch.equal(block.gamma2, official_order["gamma2"])
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -139,3 +139,12 @@ def test_bad_block_config_raises(kwargs, match):
 def test_block_bad_input_raises():
     with pytest.raises(ValueError, match=r"expects a \(N, 32, H, W\) tensor, got shape \(1, 16, 7, 7\)"):
         BiFormerBlock(32, num_heads=4)(torch.randn(1, 16, 7, 7))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("topk", [4, -2])
+def test_onnx_dynamic_matches_onnxruntime(topk, tmp_path):
+    from attention_checks import onnx_matches_onnxruntime
+
+    block = BiFormerBlock(32, n_win=4, num_heads=2, topk=topk)
+    onnx_matches_onnxruntime(block, (1, 32, 16, 16), [(2, 32, 12, 20), (1, 32, 4, 8)], tmp_path, atol=5e-5)  # the official auto_pad=False

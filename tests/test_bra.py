@@ -64,7 +64,7 @@ def _assert_same(a, b, atol, rtol=1e-4):
 @pytest.mark.parametrize("impl", FAST)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name,kwargs", CONFIGS, ids=[c[0] for c in CONFIGS])
-def test_fast_matches_reference_and_seed(name, kwargs, shape, impl):
+def test_fast_matches_reference_and_official(name, kwargs, shape, impl):
     """The cpu and sdpa backends against the reference and BiFormer's math, every option of the layer
     (soft routing has no CPU kernel: 'cpu' cannot run it)."""
     layer = BiLevelRoutingAttention(**kwargs)
@@ -78,10 +78,10 @@ def test_fast_matches_reference_and_seed(name, kwargs, shape, impl):
     _assert_same(fast, ref, atol=1e-5)
     assert fast[0].shape == x.shape
 
-    seed_out = official_bra_forward(layer, x)
-    seed_grads = torch.autograd.grad((seed_out * torch.linspace(-1, 1, seed_out.numel()).view_as(seed_out)).sum(),
+    official_out = official_bra_forward(layer, x)
+    official_grads = torch.autograd.grad((official_out * torch.linspace(-1, 1, official_out.numel()).view_as(official_out)).sum(),
                                      [x, *layer.parameters()], allow_unused=True)
-    _assert_same(fast, (seed_out.detach(), seed_grads), atol=1e-5)
+    _assert_same(fast, (official_out.detach(), official_grads), atol=1e-5)
 
 
 SIZES = range(1, 17)
@@ -315,7 +315,7 @@ def test_expected_declines_are_debug_messages(caplog, monkeypatch):
     assert "routed_attention does not use its 'cpu' backend: the kernel has no soft routing" in caplog.text
 
 
-def test_state_dict_keys_match_seed_layout():
+def test_state_dict_keys_match_the_official_layout():
     layer = BiLevelRoutingAttention(64)
     assert list(layer.state_dict()) == ["lepe.weight", "lepe.bias", "qkv.qkv.weight", "qkv.qkv.bias", "wo.weight",
                                         "wo.bias"]
@@ -328,9 +328,9 @@ def test_state_dict_keys_match_seed_layout():
     assert full.state_dict()["qkv.qkv.weight"].shape == (32 + 32 + 64, 64)
 
 
-def test_seed_state_dict_loads_strict():
+def test_official_state_dict_loads_strict():
     # a state_dict laid out as the official module saves it (its keys in its registration order)
-    seed_layout = {
+    official_layout = {
         "lepe.weight": torch.randn(32, 1, 5, 5), "lepe.bias": torch.randn(32),
         "router.emb.weight": torch.randn(16, 16), "router.emb.bias": torch.randn(16),
         "qkv.qkv.weight": torch.randn(64, 32), "qkv.qkv.bias": torch.randn(64),
@@ -338,11 +338,11 @@ def test_seed_state_dict_loads_strict():
     }
     layer = BiLevelRoutingAttention(32, num_heads=4, qk_dim=16, side_dwconv=5, param_routing=True,
                                     diff_routing=True, soft_routing=True)
-    layer.load_state_dict(seed_layout, strict=True)
+    layer.load_state_dict(official_layout, strict=True)
     buf = io.BytesIO()
     torch.save(layer.state_dict(), buf)
     buf.seek(0)
-    assert torch.load(buf).keys() == seed_layout.keys()
+    assert torch.load(buf).keys() == official_layout.keys()
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -410,3 +410,16 @@ def test_backend_name_checked():
     with pytest.raises(ValueError, match=r"backend must be one of \[.*'cpu'.*'reference', 'sdpa'.*\], got 'cuda'"):
         with use_backend("cuda"):
             pass
+
+
+def test_traceable_adaptive_avg_pool_equals_torch():
+    import torch.nn.functional as F
+
+    from yoloattn.nn.bra import adaptive_avg_pool2d_traceable
+
+    for h in range(1, 13):
+        for w in range(1, 13):
+            x = torch.randn(2, 3, h, w)
+            for out in range(1, 6):
+                torch.testing.assert_close(adaptive_avg_pool2d_traceable(x, out), F.adaptive_avg_pool2d(x, out),
+                                           atol=1e-6, rtol=1e-5, msg=f"{h}x{w} -> {out}")

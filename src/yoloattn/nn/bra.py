@@ -113,6 +113,24 @@ def _tile_means(x: Tensor) -> Tensor:
     return (x.sum(4).sum(3) / (h * w)).reshape(n, py * px, c)
 
 
+def _pool_matrix(n, out: int, like: Tensor) -> Tensor:
+    """(out, n) averaging matrix with adaptive pooling's bins: row i covers [floor(i·n/out), ceil((i+1)·n/out))."""
+    i = torch.arange(out, device=like.device)
+    start, end = (i * n) // out, ((i + 1) * n + out - 1) // out
+    pos = torch.arange(n, device=like.device)
+    member = ((pos[None] >= start[:, None]) & (pos[None] < end[:, None])).to(like.dtype)
+    return member / member.sum(1, keepdim=True)
+
+
+def adaptive_avg_pool2d_traceable(x: Tensor, out: int) -> Tensor:
+    """``F.adaptive_avg_pool2d(x, out)`` as two matrix products, exportable with dynamic H, W.
+
+    x: (B, C, H, W) -> (B, C, out, out).
+    """
+    h, w = x.shape[-2:]
+    return torch.einsum("ih,bchw,jw->bcij", _pool_matrix(h, out, x), x, _pool_matrix(w, out, x))
+
+
 class BiLevelRoutingAttention(nn.Module):
     """Bi-Level Routing Attention, NCHW in and out.
 
@@ -224,7 +242,12 @@ class BiLevelRoutingAttention(nn.Module):
         if self.kv_downsample_mode in ("avgpool", "maxpool") and (h < self.kv_downsample_ratio or w < self.kv_downsample_ratio):
             raise ValueError(f"kv_downsample_ratio={self.kv_downsample_ratio} is larger than the {h}x{w} windows of "
                              f"this input; use a larger input, a smaller n_win={self.n_win} or a smaller ratio")
-        pooled = self.kv_down(kv.reshape(n * py * px, h, w, c).permute(0, 3, 1, 2))  # (N·P, C, h', w')
+        tiles = kv.reshape(n * py * px, h, w, c).permute(0, 3, 1, 2)  # (N·P, C, h, w)
+        if self.kv_downsample_mode == "ada_avgpool" and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            # the ONNX exporter cannot size an adaptive pool over a dynamic window; the same bins as a matrix can
+            pooled = adaptive_avg_pool2d_traceable(tiles, self.kv_per_win)
+        else:
+            pooled = self.kv_down(tiles)  # (N·P, C, h', w')
         return pooled.permute(0, 2, 3, 1).reshape(n, py, px, *pooled.shape[2:], c)
 
     def routing(self, x: Tensor) -> Tensor:
