@@ -24,6 +24,11 @@ OLD_EXTRAS = ["pandas", "seaborn", "scipy", "py-cpuinfo", "tqdm", "python-dateut
 KNOWN = {
     ("8.3.0", "yolov8-biformer.yaml"): "Ultralytics' Index layer, which the BiFormer backbone rows use, came later",
 }
+# a part of the check a release cannot pass for a reason outside yoloattn (plain Ultralytics fails the same)
+KNOWN_PARTS = {
+    ("8.3.0", "onnx"): "Ultralytics 8.3.0 calls torch.onnx.export without dynamo=False, so torch >= 2.9 runs its dynamo "
+                       "exporter, which needs onnxscript (plain Ultralytics 8.3.0 fails the same; pip install onnxscript)",
+}
 MATRIX = {}
 
 
@@ -66,6 +71,9 @@ def test_release(version, tmp_path):
     failures = {k: v for k, v in result["yaml"].items() if v != "ok" and (version, k) not in KNOWN}
     assert failures == {}
     for part in ("train", "reload", "onnx"):
+        if (version, part) in KNOWN_PARTS and any(v != "ok" for v in result[part].values()):
+            result[part] = {"known": KNOWN_PARTS[version, part]}
+            continue
         assert all(v == "ok" for v in result[part].values()), (part, result[part])
     print(f"\nultralytics {result['ultralytics']}: " + json.dumps(result))
 
@@ -76,11 +84,14 @@ def teardown_module(module):
     print("\n| Ultralytics | shipped YAMLs built (scale n) | train 1 epoch | reload, plain ultralytics.YOLO | ONNX dynamic "
           "+ onnxruntime | GFLOPs of YOLOv8n-BRA at 640 (Ultralytics / counted) |")
     print("|---|---|---|---|---|---|")
+    def cell(part):
+        if "known" in r[part]:
+            return "no: " + r[part]["known"]
+        return "ok" if all(v == "ok" for v in r[part].values()) else str(r[part])
+
     for version, r in MATRIX.items():
         ok = sum(v == "ok" for v in r["yaml"].values())
         missing = [k for k, v in r["yaml"].items() if v != "ok"]
         print(f"| {version} | {ok}/{len(r['yaml'])}{' (not: ' + ', '.join(missing) + ')' if missing else ''} | "
-              f"{'ok' if all(v == 'ok' for v in r['train'].values()) else r['train']} | "
-              f"{'ok' if all(v == 'ok' for v in r['reload'].values()) else r['reload']} | "
-              f"{'ok' if all(v == 'ok' for v in r['onnx'].values()) else r['onnx']} | "
+              f"{cell('train')} | {cell('reload')} | {cell('onnx')} | "
               f"{r.get('gflops_ultralytics')} / {r.get('gflops_counted')} |")

@@ -25,7 +25,7 @@ import threading
 
 import torch
 
-from .compat import UnsupportedUltralyticsError, installed_version
+from .compat import UnsupportedUltralyticsError, adapt_muon, installed_version
 
 __all__ = ["UnsupportedUltralyticsError", "check_internals", "register", "safe_classes"]
 
@@ -169,4 +169,5 @@ def register(tasks=None) -> None:
         if hasattr(torch.serialization, "add_safe_globals"):
             torch.serialization.add_safe_globals(safe_classes())
         _register_thop()
+        adapt_muon()  # early 8.4 MuSGD refuses 3-D parameters (DAT's position table)
         _done = True
