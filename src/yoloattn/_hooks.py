@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from types import ModuleType
 
-__all__ = ["after_import", "before_import"]
+__all__ = ["after_import", "before_import", "constant_for_compile"]
 
 _before: dict[str, list[Callable[[], None]]] = {}
 _after: dict[str, list[Callable[[ModuleType], None]]] = {}
@@ -82,3 +82,20 @@ def after_import(name: str, action: Callable[[ModuleType], None]) -> None:
             return
         _after.setdefault(name, []).append(action)
         _install()
+
+
+def constant_for_compile(fn):
+    """``torch.compiler.assume_constant_result(fn)``, applied once ``torch._dynamo`` is imported.
+
+    The decorator imports ``torch._dynamo``, which sets ``TORCHINDUCTOR_CACHE_DIR`` in the environment: done at
+    our import time, merely importing yoloattn would change the process. Dynamo reads the mark only while
+    compiling, by when it is imported, so marking then is the same.
+    """
+
+    def mark(_module):
+        import torch
+
+        torch.compiler.assume_constant_result(fn)
+
+    after_import("torch._dynamo", mark)
+    return fn

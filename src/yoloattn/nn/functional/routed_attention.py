@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..._hooks import constant_for_compile
 from .._checks import is_int
 from ..backends import Decline, Op
 from . import routed_attention_cpu as cpu
@@ -203,7 +204,7 @@ def _candidates(key: tuple[int, ...]):
     return build
 
 
-@torch.compiler.assume_constant_result
+@constant_for_compile
 def _tuned_winner(key: tuple[int, ...]) -> str:
     record = _TUNER.choose(cpu.build_info()["build_id"], ",".join(map(str, key)), _candidates(key))
     return record["winner"]

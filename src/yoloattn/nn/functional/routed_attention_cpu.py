@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..._hooks import constant_for_compile
 from ._build import BuildError, load_library
 
 __all__ = ["MAX_HEAD_DIM", "build_info", "decline", "routed_attention_cpu", "use_build"]
@@ -102,7 +103,7 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
-@torch.compiler.assume_constant_result
+@constant_for_compile
 def unavailable_reason() -> str:
     """'' if the kernel of the current build target is built and loaded, else why not (built on first call)."""
     lib = _load(_march)
