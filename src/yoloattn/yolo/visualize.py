@@ -139,8 +139,8 @@ def _draw_bra(image, layer, feat, points, ratio, pad, imgsz, title):
                      f"[{row.min().item():.{dl}f}, {row.max().item():.{dl}f}]; routed {ranked}")
     for k in range(len(points), rows * cols):
         axes[k // cols][k % cols].axis("off")
-    fig.suptitle(f"{title}: BRA n_win={n_win} topk={topk}; green: query window, blue: routed windows by rank",
-                 fontsize=10)
+    fig.suptitle(f"{title}: BRA n_win={n_win} topk={topk}\ngreen: query window, blue: routed windows by rank",
+                 fontsize=10)  # two lines: one is wider than a single panel
     return fig, notes
 
 
