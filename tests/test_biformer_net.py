@@ -524,3 +524,28 @@ def test_bad_factory_and_method_arguments():
         dense.reset_classifier(3)
     with pytest.raises(ValueError, match=r"output_fmt must be 'NCHW', got 'NHWC'"):
         dense.forward_intermediates(torch.randn(1, 3, 32, 32), output_fmt="NHWC")
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("name", ["yolov8n-c2f-biformer.yaml",
+                                  pytest.param("yolov8n-biformer.yaml", marks=pytest.mark.slow),
+                                  pytest.param("yolo11n-c3k2-biformer.yaml", marks=pytest.mark.slow)])
+def test_yolo_onnx_dynamic_matches_onnxruntime(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Ultralytics writes a YAML model's export to the working directory
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from yoloattn import YOLO
+
+    model = YOLO(name)
+    net = model.model.float().eval()
+    path = model.export(format="onnx", imgsz=128, dynamic=True, simplify=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in [(1, 3, 128, 128), (2, 3, 96, 160)]:
+        x = torch.rand(shape)
+        with torch.no_grad():
+            expected = net(x)
+        while isinstance(expected, (list, tuple)):
+            expected = expected[0]
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        np.testing.assert_allclose(got, expected.numpy(), atol=2e-3, rtol=1e-3, err_msg=str(shape))
