@@ -190,3 +190,25 @@ def assert_same(a, b, atol=1e-5, rtol=1e-4, grad_rtol=1e-4):
                                        msg=lambda s, i=i: f"gradient {i}: {s}")
     for u, v in zip(ba, bb):
         torch.testing.assert_close(u, v, atol=atol, rtol=rtol)
+
+
+def check_bf16_mode_free_deterministic(m, x, op: str, backend: str):
+    """Under ``backend`` of ``op``: finite in bf16 autocast and as a bf16 module; train and eval give bitwise the
+    same output (the layer has no BatchNorm or dropout); a backward in deterministic mode runs and is finite."""
+    from yoloattn.nn.backends import use_backend
+
+    with use_backend(**{op: backend}):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        assert torch.isfinite(y.float()).all()
+        y_bf16 = m.to(torch.bfloat16)(x.bfloat16())  # the whole layer in bf16
+        assert y_bf16.dtype == torch.bfloat16 and torch.isfinite(y_bf16.float()).all()
+        m.float()
+        y_train = m.train()(x)
+        torch.testing.assert_close(m.eval()(x), y_train, atol=0, rtol=0)
+        torch.use_deterministic_algorithms(True)
+        try:
+            m(x.requires_grad_()).sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert torch.isfinite(x.grad).all()

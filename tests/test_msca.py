@@ -128,21 +128,7 @@ def test_gradcheck_float64(cls, backend):
 def test_bf16_autocast_train_eval_deterministic(backend):
     m = _layer(MSCASpatialAttention, 16)
     x = torch.randn(2, 16, 12, 10) * 4
-    with use_backend(msca=backend):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = m(x)
-        assert torch.isfinite(y.float()).all()
-        y_bf16 = m.to(torch.bfloat16)(x.bfloat16())  # the whole layer in bf16
-        assert y_bf16.dtype == torch.bfloat16 and torch.isfinite(y_bf16.float()).all()
-        m.float()
-        y_train = m.train()(x)
-        torch.testing.assert_close(m.eval()(x), y_train, atol=0, rtol=0)  # no norm, no dropout
-        torch.use_deterministic_algorithms(True)
-        try:
-            m(x.requires_grad_()).sum().backward()
-        finally:
-            torch.use_deterministic_algorithms(False)
-        assert torch.isfinite(x.grad).all()
+    official.check_bf16_mode_free_deterministic(m, x, "msca", backend)
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
