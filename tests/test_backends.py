@@ -21,7 +21,7 @@ def test_every_op_has_a_reference_and_names_its_backends():
     table = ops()
     assert {"routed_attention", "deformable_attention", "attention", "msda", "acmix", "hab", "ema", "cpca", "msca",
             "polarized_attention", "sea_attention", "deform_conv2d"} <= set(table)
-    assert table["routed_attention"] == ("cpu", "sdpa", "reference")
+    assert table["routed_attention"] == ("cpu", "dense", "sdpa", "reference")
     assert all("reference" in names for names in table.values())
 
 
@@ -47,7 +47,7 @@ def test_per_op_choice_and_restore():
 @pytest.mark.parametrize("call,match", [
     (lambda: set_backend("fast"), r"backend must be one of \[.*\], got 'fast'"),
     (lambda: set_backend(routed_attention="fused"), r"backend for routed_attention must be None or one of \('auto', "
-                                                    r"'cpu', 'sdpa', 'reference'\), got 'fused'"),
+                                                    r"'cpu', 'dense', 'sdpa', 'reference'\), got 'fused'"),
     (lambda: set_backend(nope="sdpa"), r"no op named 'nope'"),
     (lambda: get_backend("nope"), r"no op named 'nope'"),
 ])

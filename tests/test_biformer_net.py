@@ -417,6 +417,41 @@ def test_gradient_checkpointing_gives_equal_gradients():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_mlp_checkpointing_gives_equal_gradients(pre_norm):
+    from yoloattn.nn.biformer import BiFormerBlock
+
+    cfg = dict(CFG_OFFICIAL, drop_path_rate=0.3)
+    plain = BiFormer(**cfg).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True, granularity="mlp")
+    assert all(block.checkpoint_mlp for stage in ckpt.stages for block in stage)
+    calls = []
+    ckpt.stages[1][0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 3, 37, 45)
+    results = []
+    for model in (plain, ckpt):
+        torch.manual_seed(5)
+        results.append(_outputs_and_grads(model, model, x))
+    assert len(calls) == 2  # forward + recomputation
+    _close(results[1][0], results[0][0])
+    for a, b in zip(results[1][1], results[0][1]):
+        _close(a, b)
+    block = BiFormerBlock(16, num_heads=2, n_win=2, topk=2, pre_norm=pre_norm, auto_pad=True, drop_path=0.2).train()
+    twin = copy.deepcopy(block)
+    twin.checkpoint_mlp = True
+    x = torch.randn(2, 16, 5, 6, requires_grad=True)
+    grads = []
+    for b in (block, twin):
+        torch.manual_seed(3)
+        out = b(x)
+        grads.append((out, *torch.autograd.grad(out.square().sum(), [x, *b.parameters()])))
+    for a, b in zip(*grads):
+        _close(a, b)
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        ckpt.set_grad_checkpointing(True, granularity="block")
+
+
 # ---- timm ------------------------------------------------------------------------------------------------------
 def test_register_timm_without_timm(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)

@@ -10,10 +10,12 @@ import torch
 from official_bra_reference import official_bra_forward
 from yoloattn import BiLevelRoutingAttention, use_backend
 from yoloattn.nn import backends as backends_module
-from yoloattn.nn.functional import routed_attention, routed_attention_reference, routed_attention_sdpa
+from yoloattn.nn.functional import (routed_attention, routed_attention_dense, routed_attention_reference,
+                                   routed_attention_sdpa)
+from yoloattn.nn.functional import ROUTED_ATTENTION
 from yoloattn.nn.functional import routed_attention_cpu as cpu
 
-FAST = ["cpu", "sdpa"] if cpu.build_info()["available"] else ["sdpa"]
+FAST = (["cpu"] if cpu.build_info()["available"] else []) + ["dense", "sdpa"]
 
 # (name, constructor kwargs): every option of the layer, at small widths
 CONFIGS = [
@@ -65,13 +67,13 @@ def _assert_same(a, b, atol, rtol=1e-4):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name,kwargs", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_fast_matches_reference_and_official(name, kwargs, shape, impl):
-    """The cpu and sdpa backends against the reference and BiFormer's math, every option of the layer
-    (soft routing has no CPU kernel: 'cpu' cannot run it)."""
+    """The cpu, dense and sdpa backends against the reference and BiFormer's math, every option of the layer
+    (soft routing has no CPU kernel and no dense form: 'cpu' and 'dense' cannot run it)."""
     layer = BiLevelRoutingAttention(**kwargs)
     if kwargs.get("kv_downsample_mode") in ("avgpool", "maxpool") and min(shape[1:]) < 4:
         pytest.skip("window smaller than the pooling kernel")  # covered by test_pool_larger_than_window
-    if impl == "cpu" and kwargs.get("soft_routing"):
-        pytest.skip("the CPU kernel has no soft routing")  # test_named_backend_that_cannot_run_raises
+    if impl in ("cpu", "dense") and kwargs.get("soft_routing"):
+        pytest.skip(f"the {impl} backend has no soft routing")  # test_named_backend_that_cannot_run_raises
     x = _input(kwargs["dim"], shape)
     fast = _run(layer, x, impl)
     ref = _run(layer, x, "reference")
@@ -180,6 +182,57 @@ def test_functional_op_alone():
             lambda q, kv, w: routed_attention(q, kv, r_idx, w, backend=backend, **kw), (q, kv, r_weight))
     with pytest.raises(ValueError, match="only the 'reference' backend builds"):
         routed_attention(q, kv, r_idx, return_attn=True, backend="sdpa", **kw)
+    # hard routing: the dense backend as well, float64 gradcheck included
+    hard = routed_attention_reference(q, kv, r_idx, **kw)[0]
+    torch.testing.assert_close(routed_attention(q, kv, r_idx, backend="dense", **kw), hard)
+    assert torch.autograd.gradcheck(lambda q, kv: routed_attention(q, kv, r_idx, backend="dense", **kw), (q, kv))
+    with pytest.raises(ValueError, match="the dense backend takes hard routing only"):
+        routed_attention_dense(q, kv, r_idx, r_weight, **kw)
+
+
+@pytest.mark.parametrize("case", ["repeated", "pooled", "cropped", "one_window"])
+def test_dense_backend_equals_the_reference(case):
+    """The whole-map masked attention is the routed attention: repeated routes count twice (log 2 in the mask),
+    pooled key windows, cropped queries, a single window; batch 2, outputs and both gradients."""
+    n, n_win, h, w, topk = 2, 3, 2, 3, 4
+    hk, wk = (1, 2) if case == "pooled" else (h, w)
+    if case == "one_window":
+        n_win, topk = 1, 1
+    p = n_win * n_win
+    q = torch.randn(n, n_win, n_win, h, w, 8, requires_grad=True)
+    kv = torch.randn(n, n_win, n_win, hk, wk, 8 + 12, requires_grad=True)
+    if case == "repeated":
+        r_idx = torch.randint(0, p, (n, p, topk))
+        r_idx[:, :, 1] = r_idx[:, :, 0]  # every window routes one key window twice
+    else:
+        r_idx = torch.stack([torch.randperm(p)[:topk] for _ in range(n * p)]).view(n, p, topk)
+    kw = dict(num_heads=2, scale=0.4, valid_hw=(n_win * h - 1, n_win * w - 2) if case == "cropped" else None)
+    dense = routed_attention(q, kv, r_idx, backend="dense", **kw)
+    ref = routed_attention_reference(q, kv, r_idx, **kw)[0]
+    torch.testing.assert_close(dense, ref, atol=1e-5, rtol=1e-4)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(dense, (q, kv), g), torch.autograd.grad(ref, (q, kv), g)):
+        torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-4)
+
+
+def test_auto_takes_dense_only_where_measured_fastest(monkeypatch):
+    import importlib
+
+    ra = importlib.import_module("yoloattn.nn.functional.routed_attention")
+    monkeypatch.setattr(ra, "_AUTOTUNE", True)
+    q, kv = torch.randn(1, 2, 2, 3, 3, 8), torch.randn(1, 2, 2, 3, 3, 16)
+    r_idx = torch.stack([torch.randperm(4)[:2] for _ in range(4)]).view(1, 4, 2)
+    kw = dict(num_heads=2, scale=0.3)
+    monkeypatch.setattr(ra, "_tuned_winner", lambda key: "dense")
+    assert ROUTED_ATTENTION.select(None, q, kv, r_idx, **kw).name == "dense"
+    assert ROUTED_ATTENTION.select(None, q, kv, r_idx, torch.rand(1, 4, 2), **kw).name == "sdpa"  # soft routing
+    assert ROUTED_ATTENTION.select(None, q.double(), kv.double(), r_idx, **kw).name == "sdpa"  # measured in fp32
+    many = torch.stack([torch.randperm(4)[:1] for _ in range(4)]).view(1, 4, 1)  # P / topk = 4: still measured
+    assert ROUTED_ATTENTION.select(None, q, kv, many, **kw).name == "dense"
+    q9, kv9 = torch.randn(1, 3, 3, 2, 2, 8), torch.randn(1, 3, 3, 2, 2, 16)  # P / topk = 9: never measured
+    assert ROUTED_ATTENTION.select(None, q9, kv9, torch.zeros(1, 9, 1, dtype=torch.int64), **kw).name != "dense"
+    monkeypatch.setattr(ra, "_tuned_winner", lambda key: "sdpa")
+    assert ROUTED_ATTENTION.select(None, q, kv, r_idx, **kw).name == "sdpa"
 
 
 @pytest.mark.parametrize("valid_hw", [(0, 4), (3,), (2.0, 3), "80x80", (True, 2), (7, 4)])
@@ -201,12 +254,12 @@ def test_bad_op_inputs_raise():
         routed_attention(q, kv, r_idx.float(), num_heads=2, scale=0.3)
     with pytest.raises(ValueError, match="same N and windows"):
         routed_attention(q, kv, r_idx[:, :3], num_heads=2, scale=0.3)
-    with pytest.raises(ValueError, match=r"backend for routed_attention must be None or one of \('auto', 'cpu', 'sdpa', "
-                                         r"'reference'\), got 'gpu'"):
+    with pytest.raises(ValueError, match=r"backend for routed_attention must be None or one of \('auto', 'cpu', 'dense', "
+                                         r"'sdpa', 'reference'\), got 'gpu'"):
         routed_attention(q, kv, r_idx, num_heads=2, scale=0.3, backend="gpu")
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "reference"])  # the CPU kernel is fp32 only
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])  # the CPU kernel is fp32 only, dense hard routing only
 def test_gradcheck_float64_layer(backend):
     layer = BiLevelRoutingAttention(8, n_win=2, num_heads=2, topk=2, param_routing=True, diff_routing=True,
                                     soft_routing=True).double()
@@ -361,7 +414,7 @@ def test_official_state_dict_loads_strict():
     (dict(dim=0), r"dim must be a positive integer, got 0"),
     (dict(dim=32, n_win=0), r"n_win must be a positive integer, got 0"),
     (dict(dim=32, kv_downsample_mode="ada_avgpool", kv_per_win=0), r"kv_per_win must be a positive integer"),
-    (dict(dim=32, backend="gpu"), r"backend for routed_attention must be None or one of \('auto', 'cpu', 'sdpa', "
+    (dict(dim=32, backend="gpu"), r"backend for routed_attention must be None or one of \('auto', 'cpu', 'dense', 'sdpa', "
                                   r"'reference'\), got 'gpu'"),
     (dict(dim=32, qk_scale=-1.0), r"qk_scale must be a positive number or None"),
 ])

@@ -109,14 +109,14 @@ def test_ablate_tables_plots_reuse_and_redo(tmp_path, tiny_data):
 def test_ablate_study_preset(tmp_path):
     from yoloattn.yolo.ablate import STUDIES, ablate
 
-    with pytest.raises(ValueError, match="study='nope' is not a known study; known: reference"):
+    with pytest.raises(ValueError, match="study='nope' is not a known study; known: reference, layers"):
         ablate(study="nope")
-    # every model the reference study names builds
+    # every model the studies name builds
     from yoloattn import YOLO
 
-    study = STUDIES["reference"]
-    for model in study["models"].split(","):
-        assert YOLO(model).model is not None
+    for study in STUDIES.values():
+        for model in study["models"].split(","):
+            assert YOLO(model).model is not None
 
 
 def test_ablate_charts_have_no_overlapping_text(tmp_path):
@@ -154,6 +154,30 @@ def test_bench_peak_memory_rows(tmp_path):
     log = _cli(["bench", "layers=bra", "maps=P5", "batches=1", "models=", f"out={tmp_path}"], tmp_path)
     rows = [line for line in log.splitlines() if line.startswith("| bra | P5")]
     assert rows and all(line.split("|")[7].strip() not in ("", "—") for line in rows)  # peak MiB measured
+
+
+@pytest.mark.slow
+def test_biformer_bench_rows_and_ratios(tmp_path):
+    """A real BiFormer-T run at a tiny size: every path timed, memory measured in fresh processes."""
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "benchmarks/biformer.py", "--cases", "tiny@112x2", "--json", str(out)],
+                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| BiFormer-tiny | (2, 3, 112, 112) | reference |" in proc.stdout and "threads" in proc.stdout
+    rows = json.loads(out.read_text())
+    assert [r["impl"] for r in rows] == ["reference", "auto", "checkpoint-mlp", "checkpoint"]
+    assert rows[0]["fwdbwd_x"] == 1.0 and all(r["peak_mib"] is not None and r["fwdbwd_ms"] > 0 for r in rows)
+
+
+def test_biformer_bench_bad_case_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "yoloattn.bench.biformer", "--cases", "tiny@224"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "case 'tiny@224' is not <variant>@<imgsz>x<batch>" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "yoloattn.bench.biformer", "--cases", "tiny@32x1", "--no-memory"],
+                          capture_output=True, text=True)  # the classifier needs stage maps divisible by n_win
+    assert proc.returncode == 2 and proc.stderr.startswith("error: BiFormer with auto_pad=False needs")
+    assert proc.stderr.strip().count("\n") == 0
 
 
 def test_bench_chart_text_does_not_overlap():

@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import platform
-import statistics
-import subprocess
 import sys
 
 import torch
 
-from .measure import interleaved_rounds, machine_info, machine_line, peak_memory_mib, ratio_median
+from .measure import (compared, interleaved_rounds, machine_info, machine_line, peak_memory_mib, run_worker,
+                      table_cells)
 
 __all__ = ["LAYERS", "YOLOV8N_MAPS", "implementations", "run_layer_benchmark"]
 
@@ -148,15 +146,7 @@ def _worker(spec: dict) -> dict:
 
 
 def _run_worker(spec: dict, memory: bool = False) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
-    if memory:
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed blocks leave the RSS at once
-    proc = subprocess.run([sys.executable, "-m", "yoloattn.bench.layers", "--worker",
-                           json.dumps(dict(spec, what="memory" if memory else "time"))],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode:
-        raise RuntimeError(f"benchmark case {spec} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker("yoloattn.bench.layers", spec, memory)
 
 
 def _builds() -> dict:
@@ -193,21 +183,10 @@ def run_layer_benchmark(layers=("bra",), maps=("P3", "P4", "P5"), batches=(1, 8)
                         measured[impl].update(_run_worker(dict(spec, impls=[impl]), memory=True)[impl])
                 ref = measured.get("reference")
                 for impl in impls:
-                    m = measured[impl]
                     row = dict(layer=layer, map=name, shape=[n, c, h, w], device=device, dtype=dtype, threads=threads,
-                               backend=_label(impl, builds), impl=impl,
-                               fwd_ms=statistics.median(m["fwd_rounds"]),
-                               fwdbwd_ms=statistics.median(m["fwdbwd_rounds"]), peak_mib=m.get("peak_mib"))
-                    if ref is not None:
-                        row["fwd_x"] = ratio_median(ref["fwd_rounds"], m["fwd_rounds"])
-                        row["fwdbwd_x"] = ratio_median(ref["fwdbwd_rounds"], m["fwdbwd_rounds"])
-                        if memory:
-                            row["mem_div"] = ref["peak_mib"] / max(m["peak_mib"], 1e-3)
+                               backend=_label(impl, builds), impl=impl, **compared(measured[impl], ref))
                     rows.append(row)
-                    cells = [f"{row[k]:.2f}" if k in row else "—" for k in ("fwd_x", "fwdbwd_x", "mem_div")]
-                    peak = f"{row['peak_mib']:.0f}" if row["peak_mib"] is not None else "—"
-                    printer(f"| {layer} | {name} | ({n}, {c}, {h}, {w}) | {row['backend']} | {row['fwd_ms']:.1f} | "
-                            f"{row['fwdbwd_ms']:.1f} | {peak} | {cells[0]} | {cells[1]} | {cells[2]} |")
+                    printer(f"| {layer} | {name} | ({n}, {c}, {h}, {w}) | {row['backend']} | {table_cells(row)} |")
     return rows
 
 

@@ -5,7 +5,7 @@ Times are wall-clock medians. Implementations compared with each other are run i
 seconds) cancels out of their ratios. Peak memory is what one call adds to the process at its peak: on
 CUDA ``torch.cuda.max_memory_allocated``; on the CPU the peak resident set (Linux ``VmHWM``, reset through
 ``/proc/self/clear_refs``) of a fresh process started with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed
-blocks leave the resident set at once (:func:`yoloattn.bench.layers` arranges it).
+blocks leave the resident set at once (:func:`run_worker` arranges it).
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["interleaved_rounds", "machine_info", "machine_line", "median_ms", "peak_memory_mib", "ratio_median"]
+__all__ = ["compared", "interleaved_rounds", "machine_info", "machine_line", "median_ms", "peak_memory_mib",
+           "ratio_median", "run_worker", "table_cells"]
 
 
 def _sync(device: torch.device) -> None:
@@ -71,6 +74,30 @@ def median_ms(fn: Callable[[], object], device: torch.device | str = "cpu", roun
 def ratio_median(rounds_a: list[float], rounds_b: list[float]) -> float:
     """Median over rounds of a / b: the ratio of two interleaved measurements, robust to the machine's drift."""
     return statistics.median(a / b for a, b in zip(rounds_a, rounds_b))
+
+
+def compared(measured: dict, ref: dict | None) -> dict:
+    """Median times of one implementation's rounds (``fwd_ms``, ``fwdbwd_ms``; None where it has no rounds) and,
+    against ``ref`` (the reference's rounds), the speed-ups ``fwd_x``, ``fwdbwd_x`` (medians of per-round
+    ratios) and the memory ratio ``mem_div`` where both peaks were measured."""
+    row = {}
+    for key, rounds in (("fwd", "fwd_rounds"), ("fwdbwd", "fwdbwd_rounds")):
+        row[f"{key}_ms"] = statistics.median(measured[rounds]) if measured.get(rounds) else None
+        if ref is not None and measured.get(rounds) and ref.get(rounds):
+            row[f"{key}_x"] = ratio_median(ref[rounds], measured[rounds])
+    row["peak_mib"] = measured.get("peak_mib")
+    if ref is not None and ref.get("peak_mib") is not None and row["peak_mib"] is not None:
+        row["mem_div"] = ref["peak_mib"] / max(row["peak_mib"], 1e-3)
+    return row
+
+
+def table_cells(row: dict, digits: int = 1) -> str:
+    """The ``fwd ms | f+b ms | peak MiB | fwd × | f+b × | mem ÷`` cells of a :func:`compared` row."""
+    def number(key, fmt):
+        return format(row[key], fmt) if row.get(key) is not None else "—"
+
+    return " | ".join([number("fwd_ms", f".{digits}f"), number("fwdbwd_ms", f".{digits}f"), number("peak_mib", ".0f"),
+                       number("fwd_x", ".2f"), number("fwdbwd_x", ".2f"), number("mem_div", ".2f")])
 
 
 def _rss_kib(field: str) -> int:
@@ -140,3 +167,23 @@ def machine_line(info: dict) -> str:
              else "no CPU kernel")
     where = info.get("gpu") or f"{info['cpu']} ({info['isa']}, {info['cores']} cores)"
     return (f"{where}, {info['threads']} threads, torch {info['torch']}, ultralytics {info['ultralytics']}, {build}")
+
+
+def run_worker(module: str, spec: dict, memory: bool = False) -> dict:
+    """``python -m {module} --worker {spec}`` in a fresh process with ``spec['threads']`` threads; the JSON of its
+    last output line. ``memory``: the process is set up for :func:`peak_memory_mib` and told so in
+    ``spec['what']``. A worker that exits with 2 reports a user's mistake (its last stderr line, raised as
+    ``ValueError``); any other failure raises ``RuntimeError`` with its traceback."""
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    if memory:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed blocks leave the RSS at once
+    proc = subprocess.run([sys.executable, "-m", module, "--worker",
+                           json.dumps(dict(spec, what="memory" if memory else "time"))],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode == 2 and proc.stderr.strip():
+        raise ValueError(proc.stderr.strip().splitlines()[-1].removeprefix("error: "))
+    if proc.returncode:
+        raise RuntimeError(f"benchmark case {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

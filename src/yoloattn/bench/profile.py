@@ -70,7 +70,7 @@ def profile_bra(shape=(8, 64, 40, 40), backend: str = "auto", build: str | None 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="8,64,40,40", help="N,C,H,W")
-    parser.add_argument("--backend", default="auto", help="routed_attention backend: auto, cpu, sdpa, reference")
+    parser.add_argument("--backend", default="auto", help="routed_attention backend: auto, cpu, dense, sdpa, reference")
     parser.add_argument("--build", default=None, help="CPU kernel -march target (x86-64-v3: AVX2, x86-64: SSE2)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)

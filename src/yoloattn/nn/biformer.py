@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_image, odd_kernel, positive_int
 from .bra import BiLevelRoutingAttention
@@ -194,6 +195,8 @@ class BiFormerBlock(nn.Module):
             self.gamma1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
             self.gamma2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
         self.pre_norm = pre_norm
+        # gradient checkpointing of the MLP branch alone (no parameters: state_dict unchanged)
+        self.checkpoint_mlp = False
 
     def _attention(self, x: Tensor) -> Tensor:
         """Channels-last attention branch, (N, H, W, C) -> (N, H, W, C)."""
@@ -207,12 +210,27 @@ class BiFormerBlock(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(x)
         x = x.permute(0, 2, 3, 1)  # (N, H, W, C)
-        g1 = self.gamma1 if self.use_layer_scale else 1.0
-        g2 = self.gamma2 if self.use_layer_scale else 1.0
         if self.pre_norm:
-            x = x + self.drop_path(g1 * self._attention(self.norm1(x)))
-            x = x + self.drop_path(g2 * self.mlp(self.norm2(x)))
+            x = x + self.drop_path(self._scaled(self._attention(self.norm1(x)), 1))
+            x = x + self._mlp_branch(x)
         else:  # post-norm, https://kexue.fm/archives/9009
-            x = self.norm1(x + self.drop_path(g1 * self._attention(x)))
-            x = self.norm2(x + self.drop_path(g2 * self.mlp(x)))
+            x = self.norm1(x + self.drop_path(self._scaled(self._attention(x), 1)))
+            x = self.norm2(x + self._mlp_branch(x))
         return x.permute(0, 3, 1, 2)
+
+    def _mlp_branch(self, x: Tensor) -> Tensor:
+        """The MLP residual branch of a channels-last map; recomputed in the backward with ``checkpoint_mlp``."""
+        if self.checkpoint_mlp and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            # keeps only x: the branch's three 3x-wide activations (fc1, GELU) and its LayerNorm output are
+            # recomputed from it in the backward (the drop-path mask too: checkpoint restores the RNG state)
+            return checkpoint(self._mlp_branch_plain, x, use_reentrant=False)
+        return self._mlp_branch_plain(x)
+
+    def _mlp_branch_plain(self, x: Tensor) -> Tensor:
+        return self.drop_path(self._scaled(self.mlp(self.norm2(x) if self.pre_norm else x), 2))
+
+    def _scaled(self, branch: Tensor, which: int) -> Tensor:
+        # without layer scale no multiply at all: BiFormer's ``1.0 * branch`` costs a copy and its backward
+        if not self.use_layer_scale:
+            return branch
+        return (self.gamma1 if which == 1 else self.gamma2) * branch

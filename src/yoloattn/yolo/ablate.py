@@ -53,7 +53,8 @@ ABLATE_DEFAULTS = {
     "name": "",
     "split": "val",
 }
-# Named studies: ``study=reference`` reproduces the study in docs/results.md (about 1.5 hours on 2 CPU cores).
+# Named studies: ``study=reference`` reproduces the study in docs/results.md (about 1.5 hours on 2 CPU cores),
+# ``study=layers`` the short ablation of every layer in docs/layers.md.
 # Its values replace the defaults; arguments given with it still win.
 STUDIES = {
     "reference": {  # issue: YOLO's own models as peers, the harder level, >= 3 seeds, about 2 hours of CPU
@@ -66,6 +67,13 @@ STUDIES = {
         "mosaic": 0.0,  # as in the main job: the generated scenes are varied already
         "close_mosaic": 0,
         "name": "reference",
+    },
+    "layers": {  # a short ablation of every yoloattn layer and model on the default level (about 1 hour)
+        "models": "yolov8n.yaml,yolov8n-bra.yaml,yolov8n-dat.yaml,yolov8n-ema.yaml,yolov8n-cpca.yaml,"
+        "yolov8n-msca.yaml,yolov8n-polarized.yaml,yolov8n-sea.yaml,yolov8n-msda.yaml,yolov8n-acmix.yaml,"
+        "yolov8n-hab.yaml,yolov8n-dlka.yaml,yolov8n-c2f-biformer.yaml,yolov8n-biformer.yaml,yolo11n.yaml,"
+        "yolo11n-c3k2-biformer.yaml",
+        "name": "layers",
     },
 }
 _OWN_KEYS = ("models", "seeds", "project", "name", "split")
@@ -374,23 +382,37 @@ def _plots(out: Path, runs: list[dict], rows: list[dict], split: str) -> list[Pa
     from .._plots import save
 
     key95, _ = _metric_keys(split)
-    fig, ax = plt.subplots(figsize=(7, 5))
+    # up to 10 models: matplotlib's default colours and a label at each point; more: 20 colours and a marker
+    # each, so no two look alike, and the legend beside the plot names them
+    many = len(rows) > 10
+    colours = [plt.get_cmap("tab20")(i % 20) if many else f"C{i}" for i in range(len(rows))]
+    markers = ["o", "s", "^", "D", "v", "P", "X", "<", ">"] if many else ["o"]
+    size = (10, 5.5) if many else (7, 5)
+
+    def legend(ax):
+        if many:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+        else:
+            ax.legend(fontsize=8)
+
+    fig, ax = plt.subplots(figsize=size)
     for i, r in enumerate(rows):
         label = f"{_stem(r['model'])} ({r['seeds']} seed{'s' if r['seeds'] != 1 else ''})"
-        ax.errorbar(r["latency_ms"], r[key95], xerr=r["latency_ms_std"], yerr=r[key95 + "_std"], fmt="o", capsize=4,
-                    color=f"C{i}", label=label)
-        ax.annotate(_stem(r["model"]), (r["latency_ms"], r[key95]), textcoords="offset points", xytext=(6, 4),
-                    fontsize=8)
+        ax.errorbar(r["latency_ms"], r[key95], xerr=r["latency_ms_std"], yerr=r[key95 + "_std"],
+                    fmt=markers[i % len(markers)], capsize=4, color=colours[i], label=label)
+        if not many:  # with more, points crowd and labels would be pushed far from them: the legend names them
+            ax.annotate(_stem(r["model"]), (r["latency_ms"], r[key95]), textcoords="offset points", xytext=(6, 4),
+                        fontsize=8)
     ax.set_xlabel(f"latency, ms (batch 1, {runs[0]['device']})")
     ax.set_ylabel("mAP50-95 (final epoch; mean ± std over seeds)")
     ax.set_title("accuracy vs latency")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend(ax)
     scatter = save(fig, out / "map_vs_latency.png")
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=size)
     for i, r in enumerate(rows):
-        colour = f"C{i}"
+        colour = colours[i]
         for run in (run for run in runs if run["model"] == r["model"]):
             curve = _curve(_epoch_table(Path(run["run_dir"])), "metrics/mAP50-95(B)")
             if not curve:
@@ -407,7 +429,7 @@ def _plots(out: Path, runs: list[dict], rows: list[dict], split: str) -> list[Pa
     ax.set_ylabel("val mAP50-95")
     ax.set_title("per-epoch validation mAP, one line per run")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend(ax)
     curves = save(fig, out / "map_curves.png")
     return [scatter, curves]
 
@@ -422,7 +444,8 @@ def ablate(**kwargs) -> dict:
         data: dataset YAML or ``'shapes'`` (the built-in data; ``shapes-hard`` its harder level).
         split: ``'val'`` (final-epoch validation metrics) or ``'test'`` (the final weights on the test split).
         study: a named set of these arguments from :data:`STUDIES` (``'reference'``: the study reported in
-            ``docs/results.md``); arguments given next to it override it.
+            ``docs/results.md``; ``'layers'``: the short ablation in ``docs/layers.md``); arguments given next
+            to it override it.
         project, name: output directory ``project/name`` (name defaults to the data's stem).
         **kwargs: Ultralytics train arguments (epochs, imgsz, batch, device, ...), the same for every run.
 

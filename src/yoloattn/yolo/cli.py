@@ -52,7 +52,8 @@ yoloattn: Ultralytics' yolo command with yoloattn's attention layers, models and
 yoloattn's own commands (key=value arguments, all optional):
   yoloattn ablate models=yolov8n.yaml,yolov8n-bra.yaml seeds=0,1,2 data=data.yaml epochs=100
       train every model with identical settings per seed; paired differences to the first, plots
-      (yoloattn ablate study=reference: the study in docs/results.md, about 1.5 hours on 2 CPU cores)
+      (study=reference: the study in docs/results.md, about 1.5 hours on 2 CPU cores;
+       study=layers: every layer, 6 epochs, 2 seeds, docs/layers.md, about 1.3 hours)
   yoloattn bench layers=bra,dat,conv3x3 maps=P3,P4,P5 batches=1 models=yolov8n.yaml,yolov8n-bra.yaml
       layer and whole-model speed and memory (every backend and CPU build), with a chart
   yoloattn visualize model=best.pt source=img.jpg point=320,240
@@ -221,7 +222,7 @@ def version_text() -> str:
     lines.append(f"BRA CPU kernel: built for -march={info['march']} ({info['isa']}, {info['lanes']} floats per vector)")
     # YOLOv8n's P3 at 640: 49 windows of 12x12 queries over 4 routed windows, 8 heads of 8 channels
     for training, mode in ((0, "inference"), (1, "training")):
-        key = (training, 49, 12, 12, 144, 4, 8, 64, 64, torch.get_num_threads())
+        key = (training, 1, 49, 12, 12, 144, 4, 8, 64, 64, torch.get_num_threads())
         if not _AUTOTUNE:
             lines.append(f"  {mode} at YOLOv8n's P3: cpu (YOLOATTN_AUTOTUNE=0: the kernel wherever it can run)")
             continue

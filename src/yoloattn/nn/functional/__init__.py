@@ -1,13 +1,15 @@
 """Functional ops behind the yoloattn layers, each with named backends (see :mod:`yoloattn.nn.backends`)."""
 
 from .attention import ATTENTION, multi_head_attention
-from .routed_attention import ROUTED_ATTENTION, routed_attention, routed_attention_reference, routed_attention_sdpa
+from .routed_attention import (ROUTED_ATTENTION, routed_attention, routed_attention_dense, routed_attention_reference,
+                               routed_attention_sdpa)
 
 __all__ = [
     "ATTENTION",
     "ROUTED_ATTENTION",
     "multi_head_attention",
     "routed_attention",
+    "routed_attention_dense",
     "routed_attention_reference",
     "routed_attention_sdpa",
 ]

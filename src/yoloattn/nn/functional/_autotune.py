@@ -1,4 +1,4 @@
-"""Measured choice between two implementations of an op, once per machine, build, shape and direction.
+"""Measured choice between implementations of an op, once per machine, build, shape and direction.
 
 Like cuDNN's benchmark mode or Triton's autotuner: the first call with a new shape times each candidate
 on synthetic inputs of that shape (interleaved, best of a few runs) and keeps the fastest. Decisions
@@ -96,7 +96,8 @@ class Autotuner:
                 return self.decisions[build_id, key]
         ms = _time(candidates(), self.rounds)
         fastest = min(ms, key=ms.get)
-        winner = self.preferred if ms[self.preferred] <= ms[fastest] * (1 + self.margin) else fastest
+        preferred = ms.get(self.preferred, float("inf"))
+        winner = self.preferred if preferred <= ms[fastest] * (1 + self.margin) else fastest
         record = {"winner": winner, "ms": {k: round(v, 4) for k, v in ms.items()}}
         self.decisions[build_id, key] = record
         self._write(build_id, key, record)

@@ -1,17 +1,23 @@
 """Token-to-token attention inside routed windows, the second level of BRA.
 
 Every query window attends to the tokens of the ``topk`` key windows its router chose. The op
-:func:`routed_attention` has three backends (:data:`ROUTED_ATTENTION`, see :mod:`yoloattn.nn.backends`),
+:func:`routed_attention` has four backends (:data:`ROUTED_ATTENTION`, see :mod:`yoloattn.nn.backends`),
 tried in this order by ``'auto'``:
 
 - ``'cpu'``: the compiled, vectorised CPU kernel (fp32, hard routing) of :mod:`.routed_attention_cpu`,
   registered as the op ``torch.ops.yoloattn.routed_attention``; it reads queries, keys and values in
-  place and never builds the gathered keys or the attention matrix. ``'auto'`` uses it where it is
-  faster than ``'sdpa'`` on this machine, measured once per shape and direction (inference / training)
-  and cached next to the kernel.
+  place and never builds the gathered keys or the attention matrix.
+- ``'dense'``: ``F.scaled_dot_product_attention`` over the whole map with a mask that keeps the routed
+  windows (hard routing): no copies, ``P / topk`` times the multiply-adds, the fastest where windows are
+  tiny and route a large share of the map (BiFormer's third stage).
 - ``'sdpa'``: the routed windows picked with ``index_select`` (its backward is an ``index_add`` of the
   gathered size) and ``F.scaled_dot_product_attention`` (fused kernels on CPU and CUDA, fp32/bf16/fp16,
   softmax accumulated in fp32); plain PyTorch, so it traces, exports to ONNX and runs anywhere.
+
+``'auto'`` on a CPU in float32 takes whichever of ``'cpu'``, ``'dense'`` (where it does at most
+:data:`DENSE_MAX_RATIO` times the routed work) and ``'sdpa'`` measured fastest on this machine, once per
+shape and direction (inference / training), cached next to the kernel; elsewhere (CUDA, half precision,
+soft routing, exports) the kernel where it can run, else ``'sdpa'``.
 - ``'reference'``: the math of BiFormer's released BRA written out: the routed key/value windows copied
   with ``expand`` + ``gather`` and the full ``(windows·heads, Lq, topk·Lkv)`` attention matrix soft-maxed.
 
@@ -35,7 +41,8 @@ from ..backends import Decline, Op
 from . import routed_attention_cpu as cpu
 from ._autotune import Autotuner
 
-__all__ = ["ROUTED_ATTENTION", "routed_attention", "routed_attention_reference", "routed_attention_sdpa"]
+__all__ = ["DENSE_MAX_RATIO", "ROUTED_ATTENTION", "routed_attention", "routed_attention_dense",
+           "routed_attention_reference", "routed_attention_sdpa"]
 
 ROUTED_ATTENTION = Op("routed_attention")
 
@@ -167,30 +174,78 @@ def routed_attention_sdpa(q: Tensor, kv: Tensor, r_idx: Tensor, r_weight: Tensor
     return _image(_merge_heads(out, n, p), q, valid_hw)
 
 
-# ---- the cpu backend: eligibility, then measured against sdpa ----------------------------------------------
+def routed_attention_dense(q: Tensor, kv: Tensor, r_idx: Tensor, r_weight: Tensor | None = None, *, num_heads: int,
+                           scale: float, valid_hw=None) -> Tensor:
+    """The ``dense`` backend: ``scaled_dot_product_attention`` over the whole map, with an additive mask that
+    keeps each query window's routed key windows.
+
+    Where every window routes a large share of the map (small maps: BiFormer's third stage at 224 routes 16 of
+    49 windows of 2×2 tokens), attending to all keys costs ``P / topk`` times the multiply-adds of the routed
+    ones but copies nothing, while the ``sdpa`` backend copies every routed window ``topk`` times. The mask is
+    ``log(count)``: 0 for a routed window, ``-inf`` for the others, ``log 2`` for a window routed twice (the
+    routed attention then attends to its keys twice), so the result is the routed attention's exactly. Hard
+    routing only (``r_weight`` must be None: soft routing scales keys per query window).
+
+    Same arguments and result as :func:`routed_attention`.
+    """
+    valid_hw = _check(q, kv, r_idx, r_weight, num_heads, valid_hw)
+    if r_weight is not None:
+        raise ValueError("the dense backend takes hard routing only (r_weight=None): soft routing scales the keys "
+                         "and values of each routed window per query window")
+    n, py, px, h, w, qk_dim = q.shape
+    p, lq, lkv, c_kv = py * px, h * w, kv.shape[3] * kv.shape[4], kv.shape[-1]
+    count_dtype = torch.promote_types(q.dtype, torch.float32)
+    counts = q.new_zeros(n, p, p, dtype=count_dtype).scatter_add_(
+        2, r_idx.long(), q.new_ones(r_idx.shape, dtype=count_dtype))  # (n, query window, key window)
+    bias = counts.log().view(n, 1, p, 1, p, 1).expand(n, 1, p, lq, p, lkv).reshape(n, 1, p * lq, p * lkv)
+    qh = _heads(_windows(q).reshape(n, p * lq, qk_dim), num_heads).contiguous()  # (n, m, p·lq, c_qk/m)
+    k, v = _windows(kv).reshape(n, p * lkv, c_kv).split([qk_dim, c_kv - qk_dim], dim=-1)
+    k, v = _heads(k, num_heads), _heads(v, num_heads)  # (n, m, p·lkv, c/m)
+    if v.dtype != qh.dtype:
+        qh, k = qh.to(v.dtype), k.to(v.dtype)
+    dqk, dv = k.shape[-1], v.shape[-1]
+    if dqk < dv:  # equal head sizes for the fused kernel, as in the sdpa backend
+        qh, k = F.pad(qh, (0, dv - dqk)), F.pad(k, (0, dv - dqk))
+    elif dv < dqk:
+        v = F.pad(v, (0, dqk - dv))
+    out = F.scaled_dot_product_attention(qh, k, v, attn_mask=bias.to(qh.dtype), scale=scale)[..., :dv]
+    out = out.transpose(1, 2).reshape(n, p, lq, out.shape[1] * dv)  # (n, p, lq, m·c_v/m)
+    return _image(out, q, valid_hw)
+
+
+# ---- 'auto': the cpu kernel, the dense or the sdpa backend, whichever measured fastest -------------------------
 _TUNER = Autotuner("routed_attention", preferred="cpu")
 # YOLOATTN_AUTOTUNE=0: 'auto' takes the kernel wherever it can run, without measuring
 _AUTOTUNE = os.environ.get("YOLOATTN_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off")
-_TUNE_WINDOWS = 64  # windows in the synthetic problem: enough for every thread, a few ms per run
+_TUNE_WINDOWS = 64  # windows in the synthetic problem (whole images of P windows): a few ms per run
+# the dense backend is measured only where it does at most this many times the routed multiply-adds
+DENSE_MAX_RATIO = 4
 
 
 def _tune_key(q: Tensor, kv: Tensor, r_idx: Tensor, num_heads: int, training: bool) -> tuple[int, ...] | None:
-    """Integers that decide the kernel/SDPA speed ratio, or None if some are symbolic (export, dynamic compile)."""
+    """Integers that decide which backend is fastest, or None if some are symbolic (export, dynamic compile):
+    (training, images, windows per image, h, w, Lkv, topk, heads, Cqk, Cv, threads)."""
     n, py, px, h, w, cq = q.shape
-    values = (int(training), min(n * py * px, _TUNE_WINDOWS), h, w, kv.shape[3] * kv.shape[4], r_idx.shape[-1],
-              num_heads, cq, kv.shape[-1] - cq, torch.get_num_threads())
+    p = py * px
+    images = min(n, -(-_TUNE_WINDOWS // p)) if isinstance(n, int) and isinstance(p, int) else n
+    values = (int(training), images, p, h, w, kv.shape[3] * kv.shape[4], r_idx.shape[-1], num_heads, cq,
+              kv.shape[-1] - cq, torch.get_num_threads())
     return values if all(isinstance(v, int) for v in values) else None
 
 
+def _dense_worth_measuring(p: int, topk: int) -> bool:
+    return p <= DENSE_MAX_RATIO * topk
+
+
 def _candidates(key: tuple[int, ...]):
-    training, windows, h, w, lkv, topk, heads, cq, cv, _ = key
+    training, images, p, h, w, lkv, topk, heads, cq, cv, _ = key
 
     def build():
         g = torch.Generator().manual_seed(0)
-        q = torch.randn(1, 1, windows, h, w, cq, generator=g)
-        kv = torch.randn(1, 1, windows, 1, lkv, cq + cv, generator=g)
-        r_idx = torch.stack([torch.randperm(windows, generator=g)[:topk] for _ in range(windows)]).view(1, windows, -1)
-        kw = dict(num_heads=heads, scale=cq ** -0.5, valid_hw=(h, windows * w))
+        q = torch.randn(images, 1, p, h, w, cq, generator=g)
+        kv = torch.randn(images, 1, p, 1, lkv, cq + cv, generator=g)
+        r_idx = torch.stack([torch.randperm(p, generator=g)[:topk] for _ in range(images * p)]).view(images, p, -1)
+        kw = dict(num_heads=heads, scale=cq ** -0.5, valid_hw=(h, p * w))
 
         def run(fn):
             if not training:
@@ -199,14 +254,25 @@ def _candidates(key: tuple[int, ...]):
             qg, kvg = q.clone().requires_grad_(), kv.clone().requires_grad_()
             return lambda: fn(qg, kvg, r_idx, **kw).sum().backward()
 
-        return {"cpu": run(cpu.routed_attention_cpu), "sdpa": run(routed_attention_sdpa)}
+        fns = {"cpu": run(cpu.routed_attention_cpu)} if cpu.build_info()["available"] else {}
+        fns["sdpa"] = run(routed_attention_sdpa)
+        if _dense_worth_measuring(p, topk):
+            fns["dense"] = run(routed_attention_dense)
+        return fns
 
     return build
 
 
+def _tuned_key(q, kv, r_idx, num_heads) -> tuple[int, ...] | None:
+    training = torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad)
+    return _tune_key(q, kv, r_idx, num_heads, training)
+
+
 @constant_for_compile
 def _tuned_winner(key: tuple[int, ...]) -> str:
-    record = _TUNER.choose(cpu.build_info()["build_id"], ",".join(map(str, key)), _candidates(key))
+    info = cpu.build_info()
+    build_id = info["build_id"] if info["available"] else f"{info['march']}-no-kernel"
+    record = _TUNER.choose(build_id, ",".join(map(str, key)), _candidates(key))
     return record["winner"]
 
 
@@ -220,10 +286,29 @@ def _cpu_can_run(q, kv, r_idx, r_weight=None, *, num_heads, scale, valid_hw=None
 def _cpu_slower(q, kv, r_idx, r_weight=None, *, num_heads, scale, valid_hw=None):
     if not _AUTOTUNE:
         return None
-    training = torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad)
-    key = _tune_key(q, kv, r_idx, num_heads, training)
-    if key is not None and _tuned_winner(key) != "cpu":
-        return Decline("the sdpa backend measured faster for this shape and direction on this machine")
+    key = _tuned_key(q, kv, r_idx, num_heads)
+    if key is not None and (winner := _tuned_winner(key)) != "cpu":
+        return Decline(f"the {winner} backend measured faster for this shape and direction on this machine")
+    return None
+
+
+def _dense_can_run(q, kv, r_idx, r_weight=None, *, num_heads, scale, valid_hw=None):
+    if r_weight is not None:
+        return Decline("the dense backend takes hard routing only (r_weight=None)")
+    return None
+
+
+def _dense_not_fastest(q, kv, r_idx, r_weight=None, *, num_heads, scale, valid_hw=None):
+    # 'auto' takes it only where it was measured fastest: CPU float32, sizes known, autotuning on
+    if not _AUTOTUNE or q.device.type != "cpu" or q.dtype != torch.float32:
+        return Decline("the dense backend is chosen by measurement only (CPU float32 with autotuning on)")
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+        return Decline("an export records the sdpa backend, whatever was measured")
+    key = _tuned_key(q, kv, r_idx, num_heads)
+    if key is None or not _dense_worth_measuring(key[2], key[6]):
+        return Decline("the dense backend would do too many times the routed multiply-adds here")
+    if _tuned_winner(key) != "dense":
+        return Decline("another backend measured faster for this shape and direction on this machine")
     return None
 
 
@@ -234,6 +319,7 @@ def _cpu(q, kv, r_idx, r_weight=None, *, num_heads, scale, valid_hw=None) -> Ten
 
 # 'auto' tries them in this order (the reference last, whatever the order)
 ROUTED_ATTENTION.register("cpu", can_run=_cpu_can_run, auto_skip=_cpu_slower)(_cpu)
+ROUTED_ATTENTION.register("dense", can_run=_dense_can_run, auto_skip=_dense_not_fastest)(routed_attention_dense)
 ROUTED_ATTENTION.register("sdpa")(routed_attention_sdpa)
 ROUTED_ATTENTION.register("reference")(_reference)
 

@@ -23,8 +23,10 @@
 // Vectorisation: LANES query tokens (forward, dq) or LANES key tokens (dk, dv) sit in one vector, and the
 // other operand is broadcast, so every multiply-add is a full-width FMA whatever the head size. LANES is the
 // float count of the widest vector register of the target (16 with AVX-512, 8 with AVX2, 4 with SSE2 or
-// NEON), and how many query blocks share a pass over the keys follows the register count. Each output
-// element is written by one thread in a fixed order: the results do not depend on the thread count.
+// NEON). Inner loops keep at most half the vector registers of operands and accumulators (see CHUNK), so
+// they do not spill; small heads on 32-register CPUs take a fused backward instead (fused_backward_fits).
+// Backward work items are (window, head) pairs. Each output element is written by one thread in a fixed
+// order: the results do not depend on the thread count.
 
 #include <algorithm>
 #include <atomic>
@@ -52,11 +54,11 @@ namespace {
 
 #if defined(__AVX512F__)
 constexpr int LANES = 16;
-constexpr int BLOCKS = 2;  // query blocks per pass over the keys: 32 vector registers hold two blocks' state
+constexpr int BLOCKS = 2;  // query blocks sharing each broadcast key/value element in the forward
 constexpr const char* ISA = "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int LANES = 8;
-constexpr int BLOCKS = 1;  // 16 registers: one block's queries, outputs and sums
+constexpr int BLOCKS = 1;  // two blocks measured no faster with 16 registers
 constexpr const char* ISA = "avx2";
 #elif defined(__ARM_NEON)
 constexpr int LANES = 4;
@@ -85,6 +87,7 @@ inline vec splat(float x) { return vec{} + x; }
 // x = floor(x) + r with r in [0, 1): vreduceps gives r exactly in one instruction, vscalefps multiplies by
 // 2^floor(x) with the exponent range handled (very negative x gives 0). Degree-5 polynomial for 2^r on
 // [0, 1), fitted for the relative error (< 1.5e-7 evaluated with FMAs in fp32).
+template <bool CLAMP = true>
 inline vec vexp2(vec x) {
     const vec r = (vec)_mm512_reduce_ps((__m512)x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     vec p = splat(1.8775766948e-3f);
@@ -98,12 +101,14 @@ inline vec vexp2(vec x) {
 #else
 // x = n + r with n = round(x), |r| <= 1/2, then 2^r * 2^n with n written straight into the exponent bits.
 // Degree-5 minimax polynomial for 2^r (relative error < 1.9e-7 evaluated in fp32). Every step is a plain
-// vector operation, so it compiles to 8-lane AVX2, 4-lane SSE2 or NEON code alike.
+// vector operation, so it compiles to 8-lane AVX2, 4-lane SSE2 or NEON code alike. CLAMP = false: the caller
+// guarantees |x| <= 126 (the forward's direct path: |logit| <= DIRECT_LOGIT_BOUND).
+template <bool CLAMP = true>
 inline vec vexp2(vec x) {
     constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
     // clamp to the normal range; 2^-126 instead of 0 is far below float32's resolution next to the largest
     // term (>= 2^-64)
-    x = x < -126.0f ? splat(-126.0f) : x;
+    if constexpr (CLAMP) x = x < -126.0f ? splat(-126.0f) : x;
     const vec z = x + kRound;
     const vec r = x - (z - kRound);
     vec p = splat(1.3264727214e-3f);
@@ -354,40 +359,69 @@ struct Shape {
 // overflow, no underflow), so softmax needs no max subtraction and the forward is one pass over the keys.
 constexpr float DIRECT_LOGIT_BOUND = 64.0f;
 
-// Logits (log2 units) of NB query blocks against the lkv keys of one window (keys: that window's first key
-// row, head offset included): lg[j * NB + block]; with MAX, m[block] also becomes their running max.
-template <int NB, int DK, bool MAX>
-inline void window_logits(const vec (&qv)[NB][head_capacity<DK>()], int dk_rt, const float* keys, const Layout& kvl,
-                          int64_t lkv, vec* lg, vec* m) {
-    const int dk = DK > 0 ? DK : dk_rt;
-    for (int64_t j = 0; j < lkv; ++j) {
-        const float* krow = keys + kvl.tok[j];
-        vec acc[NB];
-        for (int k = 0; k < NB; ++k) acc[k] = qv[k][0] * krow[0];
-        for (int c = 1; c < dk; ++c)
-            for (int k = 0; k < NB; ++k) acc[k] += qv[k][c] * krow[c];
-        for (int k = 0; k < NB; ++k) {
-            lg[j * NB + k] = acc[k];
-            if (MAX) m[k] = acc[k] > m[k] ? acc[k] : m[k];
+// Forward and backward run in phases over one (query blocks, key window) or (key block, query window) pair:
+// dot products into a scratch row of vectors, exponentials, then accumulations. Each phase keeps at most
+// CHUNK vectors of head channels in registers (wider heads go in further chunks), so no inner loop spills
+// its operands or accumulators, and the exponentials of a row are independent of each other instead of one
+// dependency chain per token. NB blocks of lanes share each broadcast row element.
+#if defined(__AVX512F__) || defined(__ARM_NEON)
+constexpr int VREGS = 32;
+#else
+constexpr int VREGS = 16;
+#endif
+constexpr int CHUNK = VREGS / 2;
+
+// out[i * NB + k] = sum_c a[k * stride + c] * rows(i)[c], i in [0, count), c in [0, d): a in lanes, rows broadcast.
+template <int NB, int D, class Rows>
+inline void dot_rows(const vec* a, int stride, int d_rt, int64_t count, Rows rows, vec* out) {
+    constexpr int CB = CHUNK / NB;
+    const int d = D > 0 ? D : d_rt;
+    for (int c0 = 0; c0 < d; c0 += CB) {
+        const int cn = std::min(CB, d - c0);
+        vec ac[NB][CB];
+        for (int k = 0; k < NB; ++k)
+            for (int c = 0; c < cn; ++c) ac[k][c] = a[k * stride + c0 + c];
+        for (int64_t i = 0; i < count; ++i) {
+            const float* r = rows(i) + c0;
+            vec acc[NB];
+            for (int k = 0; k < NB; ++k) acc[k] = ac[k][0] * r[0];
+            for (int c = 1; c < cn; ++c)
+                for (int k = 0; k < NB; ++k) acc[k] += ac[k][c] * r[c];
+            for (int k = 0; k < NB; ++k) out[i * NB + k] = c0 == 0 ? acc[k] : out[i * NB + k] + acc[k];
         }
     }
 }
 
-// e = 2^(logit - m) (SHIFT) or 2^logit for the lkv keys of one window: sum += e, ov += e * values.
-template <int NB, int DV, bool SHIFT>
-inline void window_values(int dv_rt, const float* values, const Layout& kvl, int64_t lkv, const vec* lg,
-                          const vec* m, vec* sum, vec (&ov)[NB][head_capacity<DV>()]) {
-    const int dv = DV > 0 ? DV : dv_rt;
-    for (int64_t j = 0; j < lkv; ++j) {
-        const float* vrow = values + kvl.tok[j];
-        vec e[NB];
-        for (int k = 0; k < NB; ++k) {
-            e[k] = vexp2(SHIFT ? lg[j * NB + k] - m[k] : lg[j * NB + k]);
-            sum[k] += e[k];
+// b[k * stride + c] += sum_i w[i * NB + k] * rows(i)[c], c in [0, d): w in lanes, rows broadcast.
+template <int NB, int D, class Rows>
+inline void accumulate_rows(vec* b, int stride, int d_rt, int64_t count, const vec* w, Rows rows) {
+    constexpr int CB = CHUNK / NB;
+    const int d = D > 0 ? D : d_rt;
+    for (int c0 = 0; c0 < d; c0 += CB) {
+        const int cn = std::min(CB, d - c0);
+        vec bc[NB][CB];
+        for (int k = 0; k < NB; ++k)
+            for (int c = 0; c < cn; ++c) bc[k][c] = b[k * stride + c0 + c];
+        for (int64_t i = 0; i < count; ++i) {
+            const float* r = rows(i) + c0;
+            for (int c = 0; c < cn; ++c)
+                for (int k = 0; k < NB; ++k) bc[k][c] += w[i * NB + k] * r[c];
         }
-        for (int c = 0; c < dv; ++c)
-            for (int k = 0; k < NB; ++k) ov[k][c] += e[k] * vrow[c];
+        for (int k = 0; k < NB; ++k)
+            for (int c = 0; c < cn; ++c) b[k * stride + c0 + c] = bc[k][c];
     }
+}
+
+// e = 2^(logit - m) (SHIFT) or 2^logit in place over n rows of NB lanes, sum += e.
+template <int NB, bool SHIFT>
+inline void exp_rows(vec* lg, int64_t n, const vec* m, vec* sum) {
+    for (int64_t j = 0; j < n; ++j)
+        for (int k = 0; k < NB; ++k) {
+            // unshifted logits are within +-DIRECT_LOGIT_BOUND: no clamp needed
+            const vec e = SHIFT ? vexp2<true>(lg[j * NB + k] - m[k]) : vexp2<false>(lg[j * NB + k]);
+            lg[j * NB + k] = e;
+            sum[k] += e;
+        }
 }
 
 struct ForwardPass {
@@ -414,7 +448,9 @@ struct ForwardPass {
         const int dk = DK > 0 ? DK : s.dk, dv = DV > 0 ? DV : s.dv;
         const int64_t b = win / s.p, cq = s.cq();
         const int64_t* routed = idx + win * s.topk;
-        vec qv[NB][head_capacity<DK>()], ov[NB][head_capacity<DV>()], sum[NB];
+        constexpr int SK = head_capacity<DK>(), SV = head_capacity<DV>();
+        alignas(64) vec qv[NB][SK], ov[NB][SV];
+        vec sum[NB];
         int valid[NB];
         float q_norm2 = 0.0f, k_norm = 0.0f;
         for (int k = 0; k < NB; ++k) {
@@ -429,22 +465,28 @@ struct ForwardPass {
         for (int64_t t = 0; t < s.topk; ++t) k_norm = std::max(k_norm, key_norm[(b * s.p + routed[t]) * s.heads + h]);
         const bool direct = std::sqrt(q_norm2) * k_norm <= DIRECT_LOGIT_BOUND;
 
+        const auto rows_of = [&](int64_t t, int64_t offset) {
+            const float* base = kv + kvl.win[b * s.p + routed[t]] + offset;
+            return [base, &kvl = kvl](int64_t j) { return base + kvl.tok[j]; };
+        };
         vec m[NB];
         if (direct) {
             for (int k = 0; k < NB; ++k) m[k] = vec{};
             for (int64_t t = 0; t < s.topk; ++t) {
-                const float* row_t = kv + kvl.win[b * s.p + routed[t]];
-                window_logits<NB, DK, false>(qv, dk, row_t + h * dk, kvl, s.lkv, logits, m);
-                window_values<NB, DV, false>(dv, row_t + cq + h * dv, kvl, s.lkv, logits, m, sum, ov);
+                dot_rows<NB, DK>(&qv[0][0], SK, dk, s.lkv, rows_of(t, h * dk), logits);
+                exp_rows<NB, false>(logits, s.lkv, m, sum);
+                accumulate_rows<NB, DV>(&ov[0][0], SV, dv, s.lkv, logits, rows_of(t, cq + h * dv));
             }
         } else {
             for (int k = 0; k < NB; ++k) m[k] = splat(-INFINITY);
             for (int64_t t = 0; t < s.topk; ++t)
-                window_logits<NB, DK, true>(qv, dk, kv + kvl.win[b * s.p + routed[t]] + h * dk, kvl, s.lkv,
-                                            logits + t * s.lkv * NB, m);
-            for (int64_t t = 0; t < s.topk; ++t)
-                window_values<NB, DV, true>(dv, kv + kvl.win[b * s.p + routed[t]] + cq + h * dv, kvl, s.lkv,
-                                            logits + t * s.lkv * NB, m, sum, ov);
+                dot_rows<NB, DK>(&qv[0][0], SK, dk, s.lkv, rows_of(t, h * dk), logits + t * s.lkv * NB);
+            for (int64_t j = 0; j < s.topk * s.lkv; ++j)
+                for (int k = 0; k < NB; ++k) m[k] = logits[j * NB + k] > m[k] ? logits[j * NB + k] : m[k];
+            for (int64_t t = 0; t < s.topk; ++t) {
+                exp_rows<NB, true>(logits + t * s.lkv * NB, s.lkv, m, sum);
+                accumulate_rows<NB, DV>(&ov[0][0], SV, dv, s.lkv, logits + t * s.lkv * NB, rows_of(t, cq + h * dv));
+            }
         }
         for (int k = 0; k < NB; ++k) {
             if (valid[k] == 0) continue;
@@ -514,108 +556,142 @@ std::vector<float> deltas(const Shape& s, const QueryTokens& region, const float
     return delta;
 }
 
-// dq: one query window per item, queries in lanes.
+// The inverse of the routing, a counting sort of (query window) by routed key window, stable in p: the query
+// windows that routed key window r of image b are win[b * P * topk + start[b * (P + 1) + r] ...
+// start[b * (P + 1) + r + 1]]. keys: the token indices 0 .. Lkv - 1 (every key of a window is read).
+struct RoutingInverse {
+    std::vector<int64_t> start, win;
+    std::vector<int32_t> keys;
+    RoutingInverse(const Shape& s, const int64_t* idx)
+        : start(s.n * (s.p + 1), 0), win(s.n * s.p * s.topk), keys(s.lkv) {
+        for (int64_t b = 0; b < s.n; ++b) {
+            int64_t* starts = start.data() + b * (s.p + 1);
+            const int64_t* routed = idx + b * s.p * s.topk;
+            for (int64_t u = 0; u < s.p * s.topk; ++u) ++starts[routed[u] + 1];
+            for (int64_t r = 0; r < s.p; ++r) starts[r + 1] += starts[r];
+            std::vector<int64_t> fill(starts, starts + s.p);
+            for (int64_t u = 0; u < s.p * s.topk; ++u) win[b * s.p * s.topk + fill[routed[u]]++] = u / s.topk;
+        }
+        for (int64_t j = 0; j < s.lkv; ++j) keys[j] = static_cast<int32_t>(j);
+    }
+};
+
+// Small heads on a CPU with 32 vector registers: a block's state (its vectors of q, or of k and v, and their
+// gradients: 2 * DK + 2 * DV vectors) stays in registers through one fused loop over the other side's
+// tokens, which computes each logit, exponential and gradient term in one pass instead of in phases.
+template <int DK, int DV>
+constexpr bool fused_backward_fits() { return DK > 0 && DV > 0 && 2 * DK + 2 * DV <= VREGS; }
+
+// dq: one (query window, head) per item, queries in lanes.
 template <int DK, int DV>
 void backward_dq(const Shape& s, const QueryTokens& region, const float* q, const Layout& ql, const float* kv,
                  const Layout& kvl, const int64_t* idx, const float* dout, const Layout& gl, const float* lse,
                  const float* delta, float* dq, const Layout& dql) {
+    constexpr bool FUSED = fused_backward_fits<DK, DV>();
     const int dk = DK > 0 ? DK : s.dk, dv = DV > 0 ? DV : s.dv;
     const int64_t cq = s.cq();
-    parallel_items(s.n * s.p, s.threads, [&](int64_t win) {
-        const int64_t b = win / s.p;
+    parallel_items(s.n * s.p * s.heads, s.threads, [&](int64_t item) {
+        const int64_t win = item / s.heads, h = item % s.heads, b = win / s.p;
         const int32_t* toks = region.list(win);
         const int64_t count = region.count(win);
-        if (count < s.lq) region.zero_outside(dq, dql, win, cq);
-        vec qv[head_capacity<DK>()], dqv[head_capacity<DK>()], gv[head_capacity<DV>()];
-        for (int64_t h = 0; h < s.heads; ++h) {
-            const int64_t stats = (win * s.heads + h) * s.lq;
-            for (int64_t i0 = 0; i0 < count; i0 += LANES) {
-                const int valid = static_cast<int>(std::min<int64_t>(LANES, count - i0));
-                load_lanes<DK>(qv, dk, q, ql, win, toks, i0, h * dk, valid);
-                load_lanes<DV>(gv, dv, dout, gl, win, toks, i0, h * dv, valid);
-                const vec lse_v = load_stats(lse + stats, toks, i0, valid);
-                const vec delta_v = load_stats(delta + stats, toks, i0, valid);
-                for (int c = 0; c < dk; ++c) qv[c] *= s.scale * LOG2E, dqv[c] = vec{};
-                for (int64_t t = 0; t < s.topk; ++t) {
-                    const int64_t kwin = b * s.p + idx[win * s.topk + t];
-                    const float* keys = kv + kvl.win[kwin] + h * dk;
-                    const float* values = kv + kvl.win[kwin] + cq + h * dv;
+        if (count < s.lq) region.zero_outside(dq + h * dk, dql, win, dk);
+        std::vector<vec> prob(FUSED ? 0 : s.lkv), dlogit(FUSED ? 0 : s.lkv);
+        alignas(64) vec qv[head_capacity<DK>()], dqv[head_capacity<DK>()], gv[head_capacity<DV>()];
+        const int64_t stats = (win * s.heads + h) * s.lq;
+        for (int64_t i0 = 0; i0 < count; i0 += LANES) {
+            const int valid = static_cast<int>(std::min<int64_t>(LANES, count - i0));
+            load_lanes<DK>(qv, dk, q, ql, win, toks, i0, h * dk, valid);
+            load_lanes<DV>(gv, dv, dout, gl, win, toks, i0, h * dv, valid);
+            const vec lse_v = load_stats(lse + stats, toks, i0, valid);
+            const vec delta_v = load_stats(delta + stats, toks, i0, valid);
+            for (int c = 0; c < dk; ++c) qv[c] *= s.scale * LOG2E, dqv[c] = vec{};
+            for (int64_t t = 0; t < s.topk; ++t) {
+                const int64_t kwin = b * s.p + idx[win * s.topk + t];
+                const float* keys = kv + kvl.win[kwin] + h * dk;
+                const float* values = kv + kvl.win[kwin] + cq + h * dv;
+                const auto key_row = [&](int64_t j) { return keys + kvl.tok[j]; };
+                const auto value_row = [&](int64_t j) { return values + kvl.tok[j]; };
+                if constexpr (FUSED) {
                     for (int64_t j = 0; j < s.lkv; ++j) {
-                        const float* krow = keys + kvl.tok[j];
-                        const float* vrow = values + kvl.tok[j];
+                        const float* krow = key_row(j);
+                        const float* vrow = value_row(j);
                         vec logit = qv[0] * krow[0];
-                        for (int c = 1; c < dk; ++c) logit += qv[c] * krow[c];
-                        const vec prob = vexp2(logit - lse_v);
+                        for (int c = 1; c < DK; ++c) logit += qv[c] * krow[c];
+                        const vec p = vexp2(logit - lse_v);
                         vec dprob = gv[0] * vrow[0];
-                        for (int c = 1; c < dv; ++c) dprob += gv[c] * vrow[c];
-                        const vec dlogit = prob * (dprob - delta_v);
-                        for (int c = 0; c < dk; ++c) dqv[c] += dlogit * krow[c];
+                        for (int c = 1; c < DV; ++c) dprob += gv[c] * vrow[c];
+                        const vec dl = p * (dprob - delta_v);
+                        for (int c = 0; c < DK; ++c) dqv[c] += dl * krow[c];
                     }
+                } else {
+                    dot_rows<1, DK>(qv, 0, dk, s.lkv, key_row, prob.data());
+                    for (int64_t j = 0; j < s.lkv; ++j) prob[j] = vexp2(prob[j] - lse_v);
+                    dot_rows<1, DV>(gv, 0, dv, s.lkv, value_row, dlogit.data());
+                    for (int64_t j = 0; j < s.lkv; ++j) dlogit[j] = prob[j] * (dlogit[j] - delta_v);
+                    accumulate_rows<1, DK>(dqv, 0, dk, s.lkv, dlogit.data(), key_row);
                 }
-                for (int c = 0; c < dk; ++c) dqv[c] *= s.scale;
-                store_lanes<DK>(dq, dql, win, toks, i0, h * dk, dqv, dk, valid);
             }
+            for (int c = 0; c < dk; ++c) dqv[c] *= s.scale;
+            store_lanes<DK>(dq, dql, win, toks, i0, h * dk, dqv, dk, valid);
         }
     });
 }
 
-// dk and dv: one key window per item, keys in lanes. inv_start (N, P + 1) and inv_win (N, P * topk): the
-// query windows that routed key window r of image b are inv_win[b, inv_start[b, r] : inv_start[b, r + 1]].
+// dk and dv: one (key window, head) per item, keys in lanes, over the query windows that routed it.
 template <int DK, int DV>
-void backward_dkv(const Shape& s, const QueryTokens& region, const float* q, const Layout& ql, const float* kv,
-                  const Layout& kvl, const int64_t* idx, const float* dout, const Layout& gl, const float* lse,
-                  const float* delta, float* dkv, const Layout& dkvl) {
+void backward_dkv(const Shape& s, const QueryTokens& region, const RoutingInverse& inv, const float* q,
+                  const Layout& ql, const float* kv, const Layout& kvl, const float* dout, const Layout& gl,
+                  const float* lse, const float* delta, float* dkv, const Layout& dkvl) {
+    constexpr bool FUSED = fused_backward_fits<DK, DV>();
     const int dk = DK > 0 ? DK : s.dk, dv = DV > 0 ? DV : s.dv;
     const int64_t cq = s.cq();
-    // the inverse of the routing, a counting sort of (query window) by routed key window, stable in p
-    std::vector<int64_t> inv_start(s.n * (s.p + 1), 0), inv_win(s.n * s.p * s.topk);
-    for (int64_t b = 0; b < s.n; ++b) {
-        int64_t* starts = inv_start.data() + b * (s.p + 1);
-        const int64_t* routed = idx + b * s.p * s.topk;
-        for (int64_t u = 0; u < s.p * s.topk; ++u) ++starts[routed[u] + 1];
-        for (int64_t r = 0; r < s.p; ++r) starts[r + 1] += starts[r];
-        std::vector<int64_t> fill(starts, starts + s.p);
-        for (int64_t u = 0; u < s.p * s.topk; ++u) inv_win[b * s.p * s.topk + fill[routed[u]]++] = u / s.topk;
-    }
-    std::vector<int32_t> all_keys(s.lkv);
-    for (int64_t j = 0; j < s.lkv; ++j) all_keys[j] = static_cast<int32_t>(j);
-    parallel_items(s.n * s.p, s.threads, [&](int64_t kwin) {  // kwin = b * P + r
-        const int64_t b = kwin / s.p, r = kwin % s.p;
-        vec kv_[head_capacity<DK>()], vv[head_capacity<DV>()], dkv_[head_capacity<DK>()], dvv[head_capacity<DV>()];
-        const int64_t* starts = inv_start.data() + b * (s.p + 1);
-        for (int64_t h = 0; h < s.heads; ++h) {
-            for (int64_t j0 = 0; j0 < s.lkv; j0 += LANES) {
-                const int valid = static_cast<int>(std::min<int64_t>(LANES, s.lkv - j0));
-                load_lanes<DK>(kv_, dk, kv, kvl, kwin, all_keys.data(), j0, h * dk, valid);
-                load_lanes<DV>(vv, dv, kv, kvl, kwin, all_keys.data(), j0, cq + h * dv, valid);
-                for (int c = 0; c < dk; ++c) kv_[c] *= s.scale * LOG2E, dkv_[c] = vec{};
-                for (int c = 0; c < dv; ++c) dvv[c] = vec{};
-                for (int64_t u = starts[r]; u < starts[r + 1]; ++u) {
-                    const int64_t qwin = b * s.p + inv_win[b * s.p * s.topk + u];
-                    const int32_t* toks = region.list(qwin);
-                    const int64_t count = region.count(qwin);
-                    const float* queries = q + ql.win[qwin] + h * dk;
-                    const float* grads = dout + gl.win[qwin] + h * dv;
-                    const float* lse_row = lse + (qwin * s.heads + h) * s.lq;
-                    const float* delta_row = delta + (qwin * s.heads + h) * s.lq;
+    parallel_items(s.n * s.p * s.heads, s.threads, [&](int64_t item) {  // item = (b * P + r) * heads + h
+        const int64_t kwin = item / s.heads, h = item % s.heads, b = kwin / s.p, r = kwin % s.p;
+        std::vector<vec> prob(FUSED ? 0 : s.lq), dlogit(FUSED ? 0 : s.lq);
+        alignas(64) vec kv_[head_capacity<DK>()], vv[head_capacity<DV>()], dkv_[head_capacity<DK>()],
+            dvv[head_capacity<DV>()];
+        const int64_t* starts = inv.start.data() + b * (s.p + 1);
+        for (int64_t j0 = 0; j0 < s.lkv; j0 += LANES) {
+            const int valid = static_cast<int>(std::min<int64_t>(LANES, s.lkv - j0));
+            load_lanes<DK>(kv_, dk, kv, kvl, kwin, inv.keys.data(), j0, h * dk, valid);
+            load_lanes<DV>(vv, dv, kv, kvl, kwin, inv.keys.data(), j0, cq + h * dv, valid);
+            for (int c = 0; c < dk; ++c) kv_[c] *= s.scale * LOG2E, dkv_[c] = vec{};
+            for (int c = 0; c < dv; ++c) dvv[c] = vec{};
+            for (int64_t u = starts[r]; u < starts[r + 1]; ++u) {
+                const int64_t qwin = b * s.p + inv.win[b * s.p * s.topk + u];
+                const int32_t* toks = region.list(qwin);
+                const int64_t count = region.count(qwin);
+                const float* queries = q + ql.win[qwin] + h * dk;
+                const float* grads = dout + gl.win[qwin] + h * dv;
+                const float* lse_row = lse + (qwin * s.heads + h) * s.lq;
+                const float* delta_row = delta + (qwin * s.heads + h) * s.lq;
+                const auto query_row = [&](int64_t i) { return queries + ql.tok[toks[i]]; };
+                const auto grad_row = [&](int64_t i) { return grads + gl.tok[toks[i]]; };
+                if constexpr (FUSED) {
                     for (int64_t i = 0; i < count; ++i) {
-                        const int32_t token = toks[i];
-                        const float* qrow = queries + ql.tok[token];
-                        const float* grow = grads + gl.tok[token];
+                        const float* qrow = query_row(i);
+                        const float* grow = grad_row(i);
                         vec logit = kv_[0] * qrow[0];
-                        for (int c = 1; c < dk; ++c) logit += kv_[c] * qrow[c];
-                        const vec prob = vexp2(logit - lse_row[token]);
+                        for (int c = 1; c < DK; ++c) logit += kv_[c] * qrow[c];
+                        const vec p = vexp2(logit - lse_row[toks[i]]);
                         vec dprob = vv[0] * grow[0];
-                        for (int c = 1; c < dv; ++c) dprob += vv[c] * grow[c];
-                        const vec dlogit = prob * (dprob - delta_row[token]);
-                        for (int c = 0; c < dv; ++c) dvv[c] += prob * grow[c];
-                        for (int c = 0; c < dk; ++c) dkv_[c] += dlogit * qrow[c];
+                        for (int c = 1; c < DV; ++c) dprob += vv[c] * grow[c];
+                        const vec dl = p * (dprob - delta_row[toks[i]]);
+                        for (int c = 0; c < DV; ++c) dvv[c] += p * grow[c];
+                        for (int c = 0; c < DK; ++c) dkv_[c] += dl * qrow[c];
                     }
+                } else {
+                    dot_rows<1, DK>(kv_, 0, dk, count, query_row, prob.data());
+                    for (int64_t i = 0; i < count; ++i) prob[i] = vexp2(prob[i] - lse_row[toks[i]]);
+                    accumulate_rows<1, DV>(dvv, 0, dv, count, prob.data(), grad_row);
+                    dot_rows<1, DV>(vv, 0, dv, count, grad_row, dlogit.data());
+                    for (int64_t i = 0; i < count; ++i) dlogit[i] = prob[i] * (dlogit[i] - delta_row[toks[i]]);
+                    accumulate_rows<1, DK>(dkv_, 0, dk, count, dlogit.data(), query_row);
                 }
-                for (int c = 0; c < dk; ++c) dkv_[c] *= s.scale;
-                store_lanes<DK>(dkv, dkvl, kwin, all_keys.data(), j0, h * dk, dkv_, dk, valid);
-                store_lanes<DV>(dkv, dkvl, kwin, all_keys.data(), j0, cq + h * dv, dvv, dv, valid);
             }
+            for (int c = 0; c < dk; ++c) dkv_[c] *= s.scale;
+            store_lanes<DK>(dkv, dkvl, kwin, inv.keys.data(), j0, h * dk, dkv_, dk, valid);
+            store_lanes<DV>(dkv, dkvl, kwin, inv.keys.data(), j0, cq + h * dv, dvv, dv, valid);
         }
     });
 }
@@ -673,8 +749,9 @@ int yoloattn_routed_backward(const RoutedArgs* args) {
         }
         if (args->dkv.data != nullptr) {
             const Layout dkvl(s.n, args->dkv);
-            backward_dkv<d.value, d.value>(s, region, args->q.data, ql, args->kv.data, kvl, args->idx,
-                                           args->dout.data, gl, args->lse, delta.data(), args->dkv.data, dkvl);
+            const RoutingInverse inv(s, args->idx);
+            backward_dkv<d.value, d.value>(s, region, inv, args->q.data, ql, args->kv.data, kvl, args->dout.data, gl,
+                                           args->lse, delta.data(), args->dkv.data, dkvl);
         }
     });
     return OK;
