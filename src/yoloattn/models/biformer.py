@@ -385,7 +385,8 @@ class BiFormer(nn.Module):
             stages: the stages (0-3) it applies to; None: all.
             granularity: ``'stage'`` recomputes whole stages (the least memory: only stage inputs are kept);
                 ``'mlp'`` recomputes only each block's MLP branch (its LayerNorm, the 3x-wide fc1 and GELU
-                activations), which keeps about half of a block's activations for a few percent more time.
+                activations; on the ``layer_norm_mlp`` op's ``lean`` backend fc1 but not fc2), which keeps
+                about 60% of a block's activations for a few percent more time.
         """
         flag("enable", enable)
         choice("granularity", granularity, ("stage", "mlp"))

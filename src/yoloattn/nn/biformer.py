@@ -24,6 +24,9 @@ from torch.utils.checkpoint import checkpoint
 from ._checks import check_image, odd_kernel, positive_int
 from .bra import BiLevelRoutingAttention
 from .functional.attention import multi_head_attention
+from .functional.depthwise_conv import depthwise_conv_module
+from .backends import REFERENCE
+from .functional.mlp import LAYER_NORM_MLP
 
 __all__ = ["Attention", "AttentionLePE", "BiFormerBlock", "DWConv", "DropPath"]
 
@@ -116,7 +119,7 @@ class AttentionLePE(Attention):
         n, h, w, c = x.shape
         out = self._attend(x.reshape(n, h * w, c)).reshape(n, h, w, c)
         if self.lepe is not None:
-            out = out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            out = out + depthwise_conv_module(self.lepe, x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj_drop(self.proj(out))
 
 
@@ -220,11 +223,29 @@ class BiFormerBlock(nn.Module):
 
     def _mlp_branch(self, x: Tensor) -> Tensor:
         """The MLP residual branch of a channels-last map; recomputed in the backward with ``checkpoint_mlp``."""
+        lean = self._lean_mlp(x)
+        if lean is not None:
+            return self.drop_path(self._scaled(lean, 2))
         if self.checkpoint_mlp and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            # keeps only x: the branch's three 3x-wide activations (fc1, GELU) and its LayerNorm output are
-            # recomputed from it in the backward (the drop-path mask too: checkpoint restores the RNG state)
+            # keeps only x: the branch's activations are recomputed from it in the backward (the drop-path
+            # mask too: checkpoint restores the RNG state)
             return checkpoint(self._mlp_branch_plain, x, use_reentrant=False)
         return self._mlp_branch_plain(x)
+
+    def _lean_mlp(self, x: Tensor) -> Tensor | None:
+        """norm2 and the MLP as one op on its lean backend (half of autograd's saved activations, and with
+        ``checkpoint_mlp`` only x, recomputing fc1 but not fc2), or None where the modules run instead: in
+        inference, export, autocast, with the reference backend, a non-standard MLP, or hooks on its modules
+        (FLOPs counters and feature hooks see their calls)."""
+        fc1, middle, act, fc2 = self.mlp
+        if not (self.pre_norm and isinstance(middle, nn.Identity) and isinstance(act, nn.GELU)) or any(
+                m._forward_hooks or m._forward_pre_hooks for m in (self.norm2, self.mlp, fc1, act, fc2)):
+            return None
+        norm = self.norm2
+        args = (x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act.approximate,
+                self.checkpoint_mlp)
+        backend = LAYER_NORM_MLP.select(None, *args)
+        return None if backend.name == REFERENCE else backend.run(*args)
 
     def _mlp_branch_plain(self, x: Tensor) -> Tensor:
         return self.drop_path(self._scaled(self.mlp(self.norm2(x) if self.pre_norm else x), 2))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_image, choice, flag, odd_kernel, positive_int, real
+from .functional.depthwise_conv import depthwise_conv_module
 from .functional.routed_attention import ROUTED_ATTENTION, routed_attention
 
 __all__ = ["BiLevelRoutingAttention", "TopkRouting", "QKVLinear"]
@@ -292,7 +293,8 @@ class BiLevelRoutingAttention(nn.Module):
         # and returns channels-last (NHWC) and adding it below is a dense add
         lepe = None
         if self.lepe is not None:
-            lepe = self.lepe(v_img.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
+            v_nchw = v_img.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+            lepe = depthwise_conv_module(self.lepe, v_nchw)  # its backward on the fast kernel in training
             # cropped by a negative pad, not a slice: a slice's contiguity would depend on whether the input
             # was padded, which torch.export would then fix for every input size
             lepe = F.pad(lepe.permute(0, 2, 3, 1), (0, 0, 0, -pad_r, 0, -pad_b))  # (N, H, W, C)

@@ -209,6 +209,7 @@ def version_text() -> str:
 
     from .. import __version__
     from ..nn.functional import routed_attention_cpu as cpu
+    from ..nn.functional.depthwise_conv import kernel_info as depthwise_kernel_info
     from ..nn.functional.routed_attention import _AUTOTUNE, _TUNER, _candidates
     from .compat import installed_version
 
@@ -229,6 +230,9 @@ def version_text() -> str:
         record = _TUNER.choose(info["build_id"], ",".join(map(str, key)), _candidates(key))
         ms = ", ".join(f"{name} {value:.2f} ms" for name, value in record["ms"].items())
         lines.append(f"  {mode} at YOLOv8n's P3: {record['winner']} (measured once on this machine: {ms})")
+    dw = depthwise_kernel_info()
+    lines.append(f"LePE depthwise-conv gradient kernel: built for -march={dw['march']} ({dw['isa']})" if dw["available"]
+                 else f"LePE depthwise-conv gradient kernel: unavailable ({dw['reason']}); PyTorch's backward runs")
     return "\n".join(lines)
 
 

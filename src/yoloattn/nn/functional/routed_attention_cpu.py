@@ -35,7 +35,7 @@ from torch import Tensor
 from ..._hooks import constant_for_compile
 from ._build import BuildError, load_library
 
-__all__ = ["MAX_HEAD_DIM", "build_info", "decline", "routed_attention_cpu", "use_build"]
+__all__ = ["MAX_HEAD_DIM", "build_info", "current_march", "decline", "routed_attention_cpu", "use_build"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "routed_attention_cpu.cpp"
 # Defined here only: passed to the compiler, reported back by the library and checked when it is loaded.
@@ -117,6 +117,11 @@ def build_info() -> dict:
         return {"march": _march, "available": False, "reason": lib}
     return {"march": _march, "available": True, "isa": lib.yoloattn_isa().decode(), "lanes": lib.yoloattn_lanes(),
             "build_id": f"{_march}-{Path(lib._name).stem}"}
+
+
+def current_march() -> str:
+    """The ``-march`` target the compiled CPU kernels are built for now (:func:`use_build` switches it)."""
+    return _march
 
 
 @contextlib.contextmanager
