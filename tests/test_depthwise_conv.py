@@ -138,3 +138,26 @@ def test_bra_training_uses_it_and_matches_the_reference():
         results[backend] = torch.autograd.grad(out.square().sum(), [x, bra.lepe.weight, bra.lepe.bias])
     for a, b in zip(results["auto"], results["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()))
+
+
+def test_msca_and_cpca_strips_take_the_kernel_and_match_their_pytorch_path(monkeypatch):
+    """MSCA's and CPCA's depthwise convs (5x5, 1xk, kx1) go through the op in float32 training; the result
+    equals their pure-PyTorch weight-gradient path (and, in their own tests, the official math)."""
+    import yoloattn.nn.msca as msca
+    from yoloattn.nn import CPCA, MSCA
+
+    if not dw.kernel_info()["available"]:
+        pytest.skip(dw.kernel_info()["reason"])
+    original = msca._compiled_kernel_runs
+    for layer in (MSCA(16), CPCA(16, 16)):
+        x = torch.randn(2, 16, 13, 11, requires_grad=True)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        calls = []
+        monkeypatch.setattr(msca, "_compiled_kernel_runs", lambda *a: calls.append(1) or original(*a))
+        compiled = torch.autograd.grad(layer(x).square().sum(), [x, *params])
+        assert calls and all(original(x, m) for m in layer.modules()
+                             if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1)
+        monkeypatch.setattr(msca, "_compiled_kernel_runs", lambda *a: False)
+        fallback = torch.autograd.grad(layer(x).square().sum(), [x, *params])
+        for a, b in zip(compiled, fallback):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()))

@@ -54,6 +54,8 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import check_image, is_int, positive_int
 from .backends import Op
+from .functional.depthwise_conv import DEPTHWISE_CONV
+from .functional.depthwise_conv import kernel_info as depthwise_kernel_info
 
 __all__ = ["MSCA", "MSCA_OP", "AttentionModule", "MSCAAttention", "MSCASpatialAttention", "SegNeXtSpatialAttention"]
 
@@ -115,14 +117,25 @@ def depthwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
     PyTorch's CPU weight gradient of a depthwise conv (oneDNN) is fast for 3×3 and, channels-last on
     larger maps, for k×1 kernels, and slow otherwise: a 1×21 kernel at 64 channels and 80×80 takes about
     40 ms on one thread (80× its forward), a 5×5 about 10 ms, a 21×1 at 256 channels and 20×20 about 5 ms.
-    :class:`_DepthwiseConv` keeps PyTorch's forward and input gradient and computes the weight gradient
-    with the fast k×1 kernel, column by column, on large maps, and as batched GEMMs on small ones (see
-    :func:`_weight_grad`). Same math; the sums run in another order. Where it cannot run (not the CPU,
-    no gradient, autocast, tracing, compiling) this is plainly ``conv(x)``.
+    In float32 with the compiled weight-gradient kernel built, this is the ``depthwise_conv`` op
+    (:mod:`.functional.depthwise_conv`: that kernel for kernels 5 and wider, PyTorch's own backward for
+    narrower ones). Otherwise :class:`_DepthwiseConv` keeps PyTorch's forward and input gradient and computes
+    the weight gradient with the fast k×1 kernel, column by column, on large maps, and as batched GEMMs on
+    small ones (see :func:`_weight_grad`). Same math; the sums run in another order. Where neither can run
+    (not the CPU, no gradient, autocast, tracing, compiling) this is plainly ``conv(x)``.
     """
     if not _custom_backward(x, conv.weight):
         return conv(x)
+    if _compiled_kernel_runs(x, conv):
+        return DEPTHWISE_CONV(x, conv.weight, conv.bias)
     return _DepthwiseConv.apply(x, conv.weight, conv.bias, conv.padding)
+
+
+def _compiled_kernel_runs(x: Tensor, conv: nn.Conv2d) -> bool:
+    """Whether the ``depthwise_conv`` op (compiled weight gradient) takes this float32, 'same'-padded conv."""
+    k = conv.kernel_size
+    return (x.dtype == torch.float32 and conv.weight.dtype == torch.float32 and k[0] % 2 == 1 and k[1] % 2 == 1
+            and tuple(conv.padding) == (k[0] // 2, k[1] // 2) and depthwise_kernel_info()["available"])
 
 
 def strip_pairs(pairs, x: Tensor) -> list[Tensor]:
@@ -134,6 +147,9 @@ def strip_pairs(pairs, x: Tensor) -> list[Tensor]:
     """
     if not _custom_backward(x, *(w for pair in pairs for conv in pair for w in (conv.weight,))):
         return [vertical(horizontal(x)) for horizontal, vertical in pairs]
+    if all(_compiled_kernel_runs(x, conv) for pair in pairs for conv in pair):
+        # the compiled kernel takes 1xk strips directly (2-3x the transposed k x 1 route below)
+        return [depthwise(vertical, depthwise(horizontal, x)) for horizontal, vertical in pairs]
     cl = torch.channels_last
     x_t = None
     out = []

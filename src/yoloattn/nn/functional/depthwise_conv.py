@@ -1,5 +1,5 @@
-"""Stride-1 depthwise convolution with 'same' padding (BRA's LePE, BiFormer's position embedding), whose
-backward does not take PyTorch's slow path.
+"""Stride-1 depthwise convolution with 'same' padding (BRA's and BiFormer's LePE, MSCA's and CPCA's 5×5 and
+strip convolutions), whose backward does not take PyTorch's slow path.
 
 PyTorch's CPU backward of a depthwise 5×5 convolution (oneDNN, channels-last) takes about 10× its forward,
 nearly all of it in the weight gradient: at BiFormer-T's first stage (16, 64, 56, 56) 30 ms against 2.7 ms.
