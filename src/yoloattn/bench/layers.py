@@ -49,6 +49,19 @@ def _conv(c):
     return Conv(c, c, 3)  # Ultralytics' Conv: 3x3 conv + BN + SiLU
 
 
+class _LePE(torch.nn.Module):
+    """BiFormer's LePE: a 5x5 depthwise conv on a channels-last map, as BRA runs it."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, c, 5, padding=2, groups=c)
+
+    def forward(self, x):
+        from ..nn.functional.depthwise_conv import depthwise_conv_module
+
+        return depthwise_conv_module(self.conv, x.contiguous(memory_format=torch.channels_last))
+
+
 # layer name -> (builder taking the channel count, the op whose backends are compared, or None)
 LAYERS = {
     "bra": (_yolo_layer("BiLevelRoutingAttention"), "routed_attention"),  # n_win 7, 8 heads, topk 4
@@ -62,6 +75,7 @@ LAYERS = {
     "acmix": (_yolo_layer("ACmix"), "acmix"),
     "hab": (_yolo_layer("HAB"), "hab"),
     "dlka": (_yolo_layer("DLKA"), "deform_conv2d"),
+    "lepe5x5": (_LePE, "depthwise_conv"),  # the compiled weight gradient against PyTorch's backward
     "conv3x3": (_conv, None),
 }
 
