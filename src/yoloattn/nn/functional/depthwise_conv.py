@@ -146,6 +146,8 @@ def _cpu_can_run(x: Tensor, weight: Tensor, bias: Tensor | None):
         return Decline(f"{x.device.type} {x.dtype} input: the kernel is for float32 on the CPU")
     if torch.is_autocast_enabled("cpu"):
         return Decline("autocast: the plain convolution takes autocast's casts")
+    if not torch.is_grad_enabled():
+        return None  # the forward is PyTorch's: no kernel needed (and none built where auto would not use it)
     lib = _load(routed_attention_cpu.current_march())
     if isinstance(lib, str):
         return Decline(lib, expected=False)
