@@ -22,10 +22,10 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_image, odd_kernel, positive_int
+from .backends import REFERENCE
 from .bra import BiLevelRoutingAttention
 from .functional.attention import multi_head_attention
 from .functional.depthwise_conv import depthwise_conv_module
-from .backends import REFERENCE
 from .functional.mlp import LAYER_NORM_MLP
 
 __all__ = ["Attention", "AttentionLePE", "BiFormerBlock", "DWConv", "DropPath"]
