@@ -161,3 +161,12 @@ def test_msca_and_cpca_strips_take_the_kernel_and_match_their_pytorch_path(monke
         fallback = torch.autograd.grad(layer(x).square().sum(), [x, *params])
         for a, b in zip(compiled, fallback):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()))
+
+
+def test_double_backward_raises_instead_of_a_wrong_answer():
+    x, weight, bias = _case(1, 8, 6, 6, (5, 5))
+    x, weight = x.requires_grad_(), weight.requires_grad_()
+    out = depthwise_conv2d(x, weight, bias, backend="cpu")
+    _, grad_weight = torch.autograd.grad(out.square().sum(), [x, weight], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_weight.sum().backward()

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..backends import REFERENCE, Decline, Op
 from . import routed_attention_cpu
@@ -122,6 +123,7 @@ class _DepthwiseConv(torch.autograd.Function):
         return F.conv2d(x, weight, bias, 1, padding, 1, x.shape[1])
 
     @staticmethod
+    @once_differentiable  # the weight gradient comes from compiled code: a double backward must raise, not lie
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         kernel = (weight.shape[2], weight.shape[3])
