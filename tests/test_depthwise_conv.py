@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from yoloattn.nn.backends import YoloattnWarning
 from yoloattn.nn.functional import depthwise_conv as dw
 from yoloattn.nn.functional import routed_attention_cpu as cpu
 from yoloattn.nn.functional.depthwise_conv import DEPTHWISE_CONV, depthwise_conv2d, depthwise_conv_module
@@ -102,6 +103,18 @@ def test_auto_choice():
     with torch.no_grad():
         assert DEPTHWISE_CONV.select(None, x, weight, bias).name == "reference"
     assert DEPTHWISE_CONV.select(None, x.double(), weight.double(), bias.double()).name == "reference"
+
+
+def test_auto_passes_over_narrow_kernels_without_loading_the_library(monkeypatch):
+    loads = []
+    monkeypatch.setattr(dw, "_load", lambda march: loads.append(march) or "not built (test)")
+    x, weight, bias = _case(1, 8, 6, 6, (3, 3))
+    assert DEPTHWISE_CONV.select(None, x, weight, bias).name == "reference"
+    assert loads == []  # a 3x3 LePE in training costs no build
+    x, weight, bias = _case(1, 8, 6, 6, (5, 5))
+    with pytest.warns(YoloattnWarning, match="not built"):  # the build failed: declined, said once
+        assert DEPTHWISE_CONV.select(None, x, weight, bias).name == "reference"
+    assert len(loads) == 1
 
 
 def test_module_path_keeps_hooks_and_other_convolutions():

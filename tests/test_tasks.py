@@ -116,6 +116,24 @@ def test_builtin_labels_are_exact_for_every_task(tmp_path, level):
     assert any((cls_root / "train").rglob("*.png"))
 
 
+def test_levels_have_their_documented_character(tmp_path):
+    """easy: 2-8 large, separate objects; hard: 8-24 small ones (median about a tenth of the side, COCO-small at
+    imgsz 160), in clusters that overlap (a study's conclusions depend on what 'hard' means)."""
+    stats = {}
+    for level in ("easy", "hard"):
+        boxes = _labels(shapes(n_train=24, n_val=2, imgsz=256, level=level, root=tmp_path, progress=False).parent,
+                        "detect")
+        folder = next(tmp_path.glob(f"shapes-detect-{level}-*"))
+        per_image = [len(p.read_text().splitlines()) for p in (folder / "labels" / "train").glob("*.txt")]
+        widths = np.array([b[3] for b in boxes])
+        stats[level] = (np.mean(per_image), np.median(widths), per_image)
+    easy_n, easy_w, easy_counts = stats["easy"]
+    hard_n, hard_w, hard_counts = stats["hard"]
+    assert 2 <= min(easy_counts) and max(easy_counts) <= 8 and easy_w > 0.15
+    assert 8 <= min(hard_counts) and max(hard_counts) <= 24 and hard_n >= 12
+    assert 1 / 14 < hard_w < 1 / 7 and hard_w * 160 < 32  # a tenth of the side: small objects at imgsz 160
+
+
 def test_data_aliases():
     from yoloattn.data import parse_alias
 

@@ -106,6 +106,28 @@ def test_ablate_tables_plots_reuse_and_redo(tmp_path, tiny_data):
     assert len(list(out.glob("*/ablate.json"))) == 8
 
 
+def test_ablate_parallel_runs_in_worker_processes_and_reuses_across_settings(tmp_path, tiny_data):
+    import torch
+
+    from yoloattn.yolo.ablate import ablate
+
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match="parallel must be a positive integer"):
+            ablate(data=str(tiny_data), parallel=bad, project=str(tmp_path))
+    args = dict(data=str(tiny_data), models="yolov8n.yaml,yolov8n-bra.yaml", seeds="0", epochs=1, imgsz=IMGSZ,
+                batch=4, workers=0, project=str(tmp_path), name="par")
+    result = ablate(**args, parallel=2)
+    runs = result["runs"]
+    assert [(r["model"], r["seed"], r["reused"]) for r in runs] == [("yolov8n.yaml", 0, False),
+                                                                    ("yolov8n-bra.yaml", 0, False)]
+    assert all(r["threads"] == max(1, torch.get_num_threads() // 2) and r["epochs"] == 1 for r in runs)
+    with open(result["out"] / "results.csv") as f:
+        assert [row["threads"] for row in csv.DictReader(f)] == [str(runs[0]["threads"])] * 2
+    # the thread count is recorded, not part of the configuration: one at a time reuses both runs
+    again = ablate(**args, parallel=1)["runs"]
+    assert [r["reused"] for r in again] == [True, True]
+
+
 def test_ablate_study_preset(tmp_path):
     from yoloattn.yolo.ablate import STUDIES, ablate
 

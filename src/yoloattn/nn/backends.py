@@ -81,6 +81,7 @@ class Backend:
     run: Callable
     can_run: CanRun | None = None
     auto_skip: CanRun | None = None
+    skip_first: bool = False  # auto_skip is a cheap rule that needs nothing can_run prepares (a build, a load)
 
     def decline(self, *args, **kwargs) -> Decline | None:
         """Why this backend cannot run the call, or None."""
@@ -88,6 +89,9 @@ class Backend:
 
     def auto_decline(self, *args, **kwargs) -> Decline | None:
         """Why ``'auto'`` does not pick this backend for the call (it cannot run it, or another is faster)."""
+        if self.skip_first and self.auto_skip is not None:
+            decline = _as_decline(self.auto_skip(*args, **kwargs))
+            return decline if decline is not None else self.decline(*args, **kwargs)
         decline = self.decline(*args, **kwargs)
         if decline is None and self.auto_skip is not None:
             decline = _as_decline(self.auto_skip(*args, **kwargs))
@@ -119,8 +123,8 @@ class Op:
         self.backends: dict[str, Backend] = {}
         _OPS[name] = self
 
-    def register(self, name: str, can_run: CanRun | None = None,
-                 auto_skip: CanRun | None = None) -> Callable[[Callable], Callable]:
+    def register(self, name: str, can_run: CanRun | None = None, auto_skip: CanRun | None = None,
+                 skip_first: bool = False) -> Callable[[Callable], Callable]:
         """Decorator: register ``fn`` as backend ``name``.
 
         Args:
@@ -128,12 +132,14 @@ class Op:
             can_run: ``can_run(*args, **kwargs)`` says why the backend cannot run a call, or None.
             auto_skip: called by ``'auto'`` only, when ``can_run`` passed: why ``'auto'`` should still pass over
                 it (e.g. another backend measured faster), or None. Asking for the backend by name ignores it.
+            skip_first: ``auto_skip`` is a cheap rule on the arguments alone: ``'auto'`` asks it before
+                ``can_run``, so a call it passes over never costs what ``can_run`` does (building a kernel).
         """
 
         def add(fn: Callable) -> Callable:
             if name in (AUTO,) or name in self.backends:
                 raise ValueError(f"{self.name}: backend name {name!r} is taken")
-            self.backends[name] = Backend(name, fn, can_run, auto_skip)
+            self.backends[name] = Backend(name, fn, can_run, auto_skip, skip_first)
             return fn
 
         return add

@@ -19,7 +19,8 @@ built to survive a skeptical reviewer:
 - **Honest reuse.** A finished run is reused only when its whole configuration matches: model, data (its
   YAML and its files' names and sizes), seed, every train argument, and the yoloattn, Ultralytics and
   PyTorch versions. The hash of that configuration is part of the run's folder name; the table says which
-  rows were reused.
+  rows were reused. The thread count is recorded with each run but is not part of it: ``parallel=2`` (two
+  runs at a time, one thread each on 2 cores) and ``parallel=1`` reuse each other's runs.
 
 Outputs in ``project/name`` (default ``runs/ablate/<data>``): ``results.csv`` (one row per run),
 ``results.md`` (per model, with the paired comparison), ``map_vs_latency.png`` and ``map_curves.png``.
@@ -52,6 +53,7 @@ ABLATE_DEFAULTS = {
     "project": "runs/ablate",
     "name": "",
     "split": "val",
+    "parallel": 1,
 }
 # Named studies: ``study=reference`` reproduces the study in docs/results.md (about 1.5 hours on 2 CPU cores),
 # ``study=layers`` the short ablation of every layer in docs/layers.md.
@@ -61,11 +63,14 @@ STUDIES = {
         "data": "shapes-hard",
         "models": "yolov8n.yaml,yolo11n.yaml,yolo26n.yaml,yolov8n-bra.yaml,yolov8n-dat.yaml",
         "seeds": "0,1,2",
-        "epochs": 30,
+        "epochs": 60,
         "imgsz": 160,
         "batch": 8,
+        "nbs": 8,  # an optimizer step every batch: Ultralytics' nominal batch of 64 would step once in 8 batches
+        "lr0": 0.01,
         "mosaic": 0.0,  # as in the main job: the generated scenes are varied already
         "close_mosaic": 0,
+        "parallel": 2,  # two runs at a time, each on half the cores: small models use one core better than two
         "name": "reference",
     },
     "layers": {  # a short ablation of every yoloattn layer and model on the default level (about 1 hour)
@@ -76,7 +81,7 @@ STUDIES = {
         "name": "layers",
     },
 }
-_OWN_KEYS = ("models", "seeds", "project", "name", "split")
+_OWN_KEYS = ("models", "seeds", "project", "name", "split", "parallel")
 NOT_CONVERGED_GAIN = 0.10  # relative gain over the last quarter of epochs that counts as "still rising"
 UNSTABLE_DROP = 0.20  # relative drop of the final below the best that counts as "unstable"
 
@@ -253,12 +258,8 @@ def compare(baseline: dict[int, float], other: dict[int, float], confidence: flo
     return {"n": n, "mean": mean, "low": low, "high": high, "verdict": verdict}
 
 
-def _run_one(model_name: str, seed: int, out: Path, train_args: dict, split: str) -> dict:
-    """Train one (model, seed) run, or read it back if a run with the same whole configuration finished."""
-    from ultralytics.utils.torch_utils import get_flops
-
-    from .model import YOLO
-
+def _reused(model_name: str, seed: int, out: Path, train_args: dict, split: str) -> tuple[Path, dict, dict | None]:
+    """The run's folder, its configuration, and its record if a run with that whole configuration finished."""
     config = run_config(model_name, seed, train_args, split)
     run_dir = out / f"{_stem(model_name)}-seed{seed}-{config_hash(config)}"
     record = run_dir / "ablate.json"
@@ -266,9 +267,28 @@ def _run_one(model_name: str, seed: int, out: Path, train_args: dict, split: str
         try:
             result = json.loads(record.read_text())
             if result.get("config") == json.loads(json.dumps(config, default=str)):
-                return {**result, "reused": True}
+                return run_dir, config, {**result, "reused": True}
         except (OSError, ValueError):
             pass  # a damaged record: train again
+    return run_dir, config, None
+
+
+def _run_one(model_name: str, seed: int, out: Path, train_args: dict, split: str, threads: int | None = None) -> dict:
+    """Train one (model, seed) run, or read it back if a run with the same whole configuration finished.
+
+    ``threads``: set PyTorch's thread count first (a run in a worker process of ``parallel=N``).
+    """
+    import torch
+    from ultralytics.utils.torch_utils import get_flops
+
+    from .model import YOLO
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    run_dir, config, reused = _reused(model_name, seed, out, train_args, split)
+    if reused is not None:
+        return reused
+    record = run_dir / "ablate.json"
     model = YOLO(model_name)
     start = time.perf_counter()
     model.train(**train_args, seed=seed, deterministic=True, project=str(out), name=run_dir.name, exist_ok=True)
@@ -290,7 +310,7 @@ def _run_one(model_name: str, seed: int, out: Path, train_args: dict, split: str
         "params": int(sum(p.numel() for p in net.parameters())),
         "gflops": float(get_flops(net, imgsz)),
         "latency_ms": latency_ms(net, imgsz, model.trainer.device),
-        "device": str(model.trainer.device), "train_s": train_s,
+        "device": str(model.trainer.device), "threads": torch.get_num_threads(), "train_s": train_s,
         "epoch_s": train_s / max(len(curve50_95), 1), "run_dir": str(run_dir), "config": config,
     }
     if split == "test":
@@ -340,12 +360,12 @@ def _diff_cell(c: dict | None) -> str:
 
 
 def _write_tables(out: Path, runs: list[dict], rows: list[dict], imgsz: int, split: str) -> str:
-    fields = [k for k in runs[0] if k != "config"]
+    fields = list(dict.fromkeys(k for r in runs for k in r if k != "config"))  # a run from an older version may lack some
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*fields, "config_hash"])
         writer.writeheader()
         for r in runs:
-            writer.writerow({**{k: (";".join(r[k]) if k == "flags" else r[k]) for k in fields},
+            writer.writerow({**{k: (";".join(r[k]) if k == "flags" else r.get(k, "")) for k in fields},
                              "config_hash": config_hash(r["config"])})
     key95, key50 = _metric_keys(split)
     which = "test split, final weights" if split == "test" else "final epoch, val split"
@@ -434,6 +454,48 @@ def _plots(out: Path, runs: list[dict], rows: list[dict], split: str) -> list[Pa
     return [scatter, curves]
 
 
+def _run_all(jobs: list[tuple[str, int]], out: Path, train_args: dict, split: str, parallel: int,
+             desc: str) -> list[dict]:
+    """Every (model, seed) run: in this process, or ``parallel`` at a time in worker processes that share the
+    cores (each with PyTorch's thread count divided by ``parallel``). Finished runs are read back here."""
+    import torch
+    from ultralytics.utils import TQDM
+
+    bar = TQDM(total=len(jobs), desc=desc, unit="run")
+    runs, todo = [], []
+    for model_name, seed in jobs:
+        reused = _reused(model_name, seed, out, train_args, split)[2]
+        if reused is not None:
+            runs.append(reused)
+            bar.update(1)
+        else:
+            todo.append((model_name, seed))
+    if parallel == 1 or len(todo) < 2:
+        for model_name, seed in todo:
+            bar.set_description(f"{_stem(model_name)} seed {seed}")
+            runs.append(_run_one(model_name, seed, out, train_args, split))
+            bar.update(1)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, torch.get_num_threads() // parallel)
+        # spawn: a fresh interpreter per worker (forking a process that holds PyTorch's thread pools is unsafe)
+        with ProcessPoolExecutor(min(parallel, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_one, m, s, out, train_args, split, threads) for m, s in todo]
+            bar.set_description(f"{len(todo)} runs, {parallel} at a time, {threads} thread(s) each")
+            try:
+                for future in as_completed(futures):
+                    runs.append(future.result())
+                    bar.update(1)
+            except BaseException:  # a failed or interrupted run stops the study now, not after every queued run
+                for future in futures:
+                    future.cancel()
+                raise
+    bar.close()
+    return runs
+
+
 def ablate(**kwargs) -> dict:
     """Run an ablation; every argument not listed here passes through to Ultralytics ``train``.
 
@@ -447,13 +509,16 @@ def ablate(**kwargs) -> dict:
             ``docs/results.md``; ``'layers'``: the short ablation in ``docs/layers.md``); arguments given next
             to it override it.
         project, name: output directory ``project/name`` (name defaults to the data's stem).
+        parallel: runs trained at a time, each in its own process with PyTorch's threads divided between them
+            (1: one after another in this process). Finished runs are reused whatever the value; the thread
+            count of each run is recorded (``threads`` in ``results.csv``).
         **kwargs: Ultralytics train arguments (epochs, imgsz, batch, device, ...), the same for every run.
 
     Returns:
         dict with ``runs`` (one record per run), ``summary`` (per model), ``out`` and ``plots`` paths.
     """
     from ultralytics.cfg import DEFAULT_CFG_DICT, check_dict_alignment
-    from ultralytics.utils import LOGGER, TQDM
+    from ultralytics.utils import LOGGER
 
     from .model import resolve_data
 
@@ -470,6 +535,9 @@ def ablate(**kwargs) -> dict:
         raise ValueError(f"ablate needs at least one model and one seed, got models={models} seeds={seeds}")
     if len(set(models)) != len(models) or len(set(seeds)) != len(seeds):
         raise ValueError(f"ablate needs distinct models and seeds, got models={models} seeds={seeds}")
+    parallel = args.pop("parallel")
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ValueError(f"parallel must be a positive integer (runs trained at a time), got {parallel!r}")
     split = args.pop("split")
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
@@ -485,11 +553,7 @@ def ablate(**kwargs) -> dict:
 
     # seed-major: a study stopped part-way has every model at the same seeds (and reuses those runs when called again)
     jobs = [(m, s) for s in seeds for m in models]
-    runs = []
-    bar = TQDM(jobs, desc=f"yoloattn ablate: {len(models)} models x {len(seeds)} seeds", unit="run")
-    for model_name, seed in bar:
-        bar.set_description(f"{_stem(model_name)} seed {seed}")
-        runs.append(_run_one(model_name, seed, out, train_args, split))
+    runs = _run_all(jobs, out, train_args, split, parallel, f"yoloattn ablate: {len(models)} models x {len(seeds)} seeds")
     runs.sort(key=lambda r: (models.index(r["model"]), seeds.index(r["seed"])))
     rows = summarize(runs, models, split)
     table = _write_tables(out, runs, rows, int(train_args["imgsz"]), split)

@@ -34,7 +34,7 @@ MAIN_JOB = {
     "data": "shapes",
     "epochs": 24,
     "imgsz": 160,  # the easy scenes' objects are 19-48 px at 160: small images, more epochs in the same time
-    "batch": 8,  # twice the steps of batch 16 for the same compute: a from-scratch model learns sooner
+    "batch": 8,
     "optimizer": "SGD",
     "lr0": 0.02,
     "warmup_epochs": 0.5,  # Ultralytics' 3 warm-up epochs would be an eighth of the run

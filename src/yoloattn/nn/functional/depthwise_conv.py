@@ -167,7 +167,8 @@ def _cpu_auto_skip(x: Tensor, weight: Tensor, bias: Tensor | None):
     return None
 
 
-DEPTHWISE_CONV.register("cpu", can_run=_cpu_can_run, auto_skip=_cpu_auto_skip)(_DepthwiseConv.apply)
+# skip_first: a 3x3 LePE in training never builds the kernel only to pass over it
+DEPTHWISE_CONV.register("cpu", can_run=_cpu_can_run, auto_skip=_cpu_auto_skip, skip_first=True)(_DepthwiseConv.apply)
 
 
 @DEPTHWISE_CONV.register("reference")
