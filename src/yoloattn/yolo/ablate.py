@@ -55,7 +55,7 @@ ABLATE_DEFAULTS = {
     "split": "val",
     "parallel": 1,
 }
-# Named studies: ``study=reference`` reproduces the study in docs/results.md (about 1.5 hours on 2 CPU cores),
+# Named studies: ``study=reference`` reproduces the study in docs/results.md (1.5 hours on 2 CPU cores, 2 at a time),
 # ``study=layers`` the short ablation of every layer in docs/layers.md.
 # Its values replace the defaults; arguments given with it still win.
 STUDIES = {
