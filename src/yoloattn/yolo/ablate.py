@@ -273,8 +273,9 @@ def _reused(model_name: str, seed: int, out: Path, train_args: dict, split: str)
     return run_dir, config, None
 
 
-def _run_one(model_name: str, seed: int, out: Path, train_args: dict, split: str, threads: int | None = None) -> dict:
-    """Train one (model, seed) run, or read it back if a run with the same whole configuration finished.
+def _train_one(model_name: str, seed: int, out: Path, train_args: dict, split: str, run_dir: Path, config: dict,
+               threads: int | None = None) -> dict:
+    """Train one (model, seed) run into ``run_dir`` (its configuration not finished before: see :func:`_reused`).
 
     ``threads``: set PyTorch's thread count first (a run in a worker process of ``parallel=N``).
     """
@@ -285,9 +286,6 @@ def _run_one(model_name: str, seed: int, out: Path, train_args: dict, split: str
 
     if threads is not None:
         torch.set_num_threads(threads)
-    run_dir, config, reused = _reused(model_name, seed, out, train_args, split)
-    if reused is not None:
-        return reused
     record = run_dir / "ablate.json"
     model = YOLO(model_name)
     start = time.perf_counter()
@@ -464,16 +462,16 @@ def _run_all(jobs: list[tuple[str, int]], out: Path, train_args: dict, split: st
     bar = TQDM(total=len(jobs), desc=desc, unit="run")
     runs, todo = [], []
     for model_name, seed in jobs:
-        reused = _reused(model_name, seed, out, train_args, split)[2]
+        run_dir, config, reused = _reused(model_name, seed, out, train_args, split)
         if reused is not None:
             runs.append(reused)
             bar.update(1)
         else:
-            todo.append((model_name, seed))
+            todo.append((model_name, seed, out, train_args, split, run_dir, config))
     if parallel == 1 or len(todo) < 2:
-        for model_name, seed in todo:
-            bar.set_description(f"{_stem(model_name)} seed {seed}")
-            runs.append(_run_one(model_name, seed, out, train_args, split))
+        for job in todo:
+            bar.set_description(f"{_stem(job[0])} seed {job[1]}")
+            runs.append(_train_one(*job))
             bar.update(1)
     else:
         import multiprocessing
@@ -482,7 +480,7 @@ def _run_all(jobs: list[tuple[str, int]], out: Path, train_args: dict, split: st
         threads = max(1, torch.get_num_threads() // parallel)
         # spawn: a fresh interpreter per worker (forking a process that holds PyTorch's thread pools is unsafe)
         with ProcessPoolExecutor(min(parallel, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_run_one, m, s, out, train_args, split, threads) for m, s in todo]
+            futures = [pool.submit(_train_one, *job, threads) for job in todo]
             bar.set_description(f"{len(todo)} runs, {parallel} at a time, {threads} thread(s) each")
             try:
                 for future in as_completed(futures):
