@@ -131,7 +131,7 @@ def test_ablate_parallel_runs_in_worker_processes_and_reuses_across_settings(tmp
 def test_ablate_study_preset(tmp_path):
     from yoloattn.yolo.ablate import STUDIES, ablate
 
-    with pytest.raises(ValueError, match="study='nope' is not a known study; known: reference, layers"):
+    with pytest.raises(ValueError, match="study='nope' is not a known study; known: reference, reference-long, layers"):
         ablate(study="nope")
     # every model the studies name builds
     from yoloattn import YOLO
