@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -244,6 +245,7 @@ def test_visualize_dat_and_untrained_warning(tmp_path):
                 f"project={tmp_path}", "name=d", "exist_ok=True"], tmp_path)
     _png_ok(tmp_path / "d" / "bus_dat_layer16.png")
     assert "untrained" in log and "sampling points; offset length" in log
+    assert re.search(r"\d+ outside the picture", log)  # points matplotlib clips away are counted, not hidden
 
 
 def test_info_prints_summary_and_layers(tmp_path):

@@ -173,8 +173,13 @@ def _draw_dat(image, layer, feat, ratio, pad, imgsz, title):
     fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02, label="offset length, pixels of the original image")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(f"{title}: DAT, {layer.n_groups} offset group(s), stride {layer.stride}", fontsize=10)
+    rows, cols = image.shape[:2]
+    outside = int(((samples[:, 0] < 0) | (samples[:, 0] >= cols) | (samples[:, 1] < 0) | (samples[:, 1] >= rows)).sum())
+    if outside:  # matplotlib clips them away: say so on the picture, not only in the printed note
+        ax.text(0.01, 0.01, f"{outside} of {len(samples)} sampling points outside the picture", transform=ax.transAxes,
+                fontsize=8, va="bottom", bbox=dict(boxstyle="round,pad=0.2", fc="white", alpha=0.8, ec="none"))
     note = (f"{len(refs)} sampling points; offset length mean {shift.mean():.1f} px, max {shift.max():.1f} px "
-            f"(original image)")
+            f"(original image); {outside} outside the picture")
     return fig, [note]
 
 
