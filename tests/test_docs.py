@@ -1,4 +1,4 @@
-"""The README and docs/ link only to files that exist, and name only studies and commands that exist."""
+"""The README and docs/ link only to files that exist, and name only studies that exist."""
 
 import re
 from pathlib import Path
