@@ -476,3 +476,20 @@ def test_traceable_adaptive_avg_pool_equals_torch():
             for out in range(1, 6):
                 torch.testing.assert_close(adaptive_avg_pool2d_traceable(x, out), F.adaptive_avg_pool2d(x, out),
                                            atol=1e-6, rtol=1e-5, msg=f"{h}x{w} -> {out}")
+
+
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
+def test_output_layout_follows_the_measured_rule(monkeypatch, capability):
+    """NCHW out as a channels-last view, except when training on a CPU whose PyTorch kernels are not AVX-512
+    (a contiguous copy there, see bra._to_nchw); the values are the same either way."""
+    import yoloattn.nn.bra as bra
+
+    monkeypatch.setattr(bra, "_CPU_CAPABILITY", capability)
+    layer = bra.BiLevelRoutingAttention(32, num_heads=4)
+    x = torch.randn(2, 32, 13, 9)
+    with torch.no_grad():
+        inference = layer(x)
+    training = layer(x.requires_grad_())
+    assert not inference.is_contiguous() and inference.is_contiguous(memory_format=torch.channels_last)
+    assert training.is_contiguous() == (capability != "AVX512")
+    torch.testing.assert_close(training.detach(), inference)

@@ -20,19 +20,23 @@
 // they receive no gradient). dq is zero at the other tokens; out is too, unless zero_outside = 0 (its tiles
 // then describe a cropped image that has no such tokens).
 //
-// Vectorisation: LANES query tokens (forward, dq) or LANES key tokens (dk, dv) sit in one vector, and the
-// other operand is broadcast, so every multiply-add is a full-width FMA whatever the head size. LANES is the
+// Vectorisation: LANES query tokens (forward) or LANES key tokens (backward) sit in one vector, and the
+// other operand is broadcast, so every multiply-add is a full-width FMA whatever the head size; the backward
+// computes each logit and exponential once and turns its LANES x LANES blocks of logit gradients into
+// queries-in-lanes vectors for dq with an in-register transpose. LANES is the
 // float count of the widest vector register of the target (16 with AVX-512, 8 with AVX2, 4 with SSE2 or
 // NEON). Inner loops keep at most half the vector registers of operands and accumulators (see CHUNK), so
 // they do not spill; small heads on 32-register CPUs take a fused backward instead (fused_backward_fits).
-// Backward work items are (window, head) pairs. Each output element is written by one thread in a fixed
-// order: the results do not depend on the thread count.
+// Backward work items are (window, head) pairs, one image at a time. Each output element is written by one
+// thread in a fixed order: the results do not depend on the thread count.
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <optional>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -556,101 +560,134 @@ std::vector<float> deltas(const Shape& s, const QueryTokens& region, const float
     return delta;
 }
 
-// The inverse of the routing, a counting sort of (query window) by routed key window, stable in p: the query
-// windows that routed key window r of image b are win[b * P * topk + start[b * (P + 1) + r] ...
-// start[b * (P + 1) + r + 1]]. keys: the token indices 0 .. Lkv - 1 (every key of a window is read).
+// The inverse of the routing, a counting sort of the routing slots by routed key window, stable: the slots
+// u = p * topk + t (query window p's t-th routed window) of image b that route key window r are
+// slot[b * P * topk + start[b * (P + 1) + r] ... start[b * (P + 1) + r + 1]]. keys: the token indices
+// 0 .. Lkv - 1 (every key of a window is read).
 struct RoutingInverse {
-    std::vector<int64_t> start, win;
+    std::vector<int64_t> start, slot;
     std::vector<int32_t> keys;
     RoutingInverse(const Shape& s, const int64_t* idx)
-        : start(s.n * (s.p + 1), 0), win(s.n * s.p * s.topk), keys(s.lkv) {
+        : start(s.n * (s.p + 1), 0), slot(s.n * s.p * s.topk), keys(s.lkv) {
         for (int64_t b = 0; b < s.n; ++b) {
             int64_t* starts = start.data() + b * (s.p + 1);
             const int64_t* routed = idx + b * s.p * s.topk;
             for (int64_t u = 0; u < s.p * s.topk; ++u) ++starts[routed[u] + 1];
             for (int64_t r = 0; r < s.p; ++r) starts[r + 1] += starts[r];
             std::vector<int64_t> fill(starts, starts + s.p);
-            for (int64_t u = 0; u < s.p * s.topk; ++u) win[b * s.p * s.topk + fill[routed[u]]++] = u / s.topk;
+            for (int64_t u = 0; u < s.p * s.topk; ++u) slot[b * s.p * s.topk + fill[routed[u]]++] = u;
         }
         for (int64_t j = 0; j < s.lkv; ++j) keys[j] = static_cast<int32_t>(j);
     }
 };
 
-// Small heads on a CPU with 32 vector registers: a block's state (its vectors of q, or of k and v, and their
-// gradients: 2 * DK + 2 * DV vectors) stays in registers through one fused loop over the other side's
-// tokens, which computes each logit, exponential and gradient term in one pass instead of in phases.
+// m[j][i] <- m[i][j] for a LANES x LANES block of floats (LANES vectors).
+inline void transpose_block(vec* m) {
+#if defined(__AVX512F__)
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = (__m512)m[i];
+    for (int i = 0; i < 8; ++i) {  // per 128-bit lane: t[2i] = a0 b0 a1 b1, t[2i+1] = a2 b2 a3 b3 of rows 2i, 2i+1
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {  // 128-bit lane k of r[4i + c]: column 4k + c of rows 4i .. 4i + 3
+        const __m512d t0 = (__m512d)t[4 * i], t1 = (__m512d)t[4 * i + 1], t2 = (__m512d)t[4 * i + 2],
+                      t3 = (__m512d)t[4 * i + 3];
+        r[4 * i] = (__m512)_mm512_unpacklo_pd(t0, t2);
+        r[4 * i + 1] = (__m512)_mm512_unpackhi_pd(t0, t2);
+        r[4 * i + 2] = (__m512)_mm512_unpacklo_pd(t1, t3);
+        r[4 * i + 3] = (__m512)_mm512_unpackhi_pd(t1, t3);
+    }
+    for (int c = 0; c < 4; ++c) {  // gather the four 128-bit pieces of each column
+        const __m512 lo01 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44), hi01 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE);
+        const __m512 lo23 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44),
+                     hi23 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
+        m[c] = (vec)_mm512_shuffle_f32x4(lo01, lo23, 0x88);
+        m[4 + c] = (vec)_mm512_shuffle_f32x4(lo01, lo23, 0xDD);
+        m[8 + c] = (vec)_mm512_shuffle_f32x4(hi01, hi23, 0x88);
+        m[12 + c] = (vec)_mm512_shuffle_f32x4(hi01, hi23, 0xDD);
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = (__m256)m[i];
+    for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {  // 128-bit lane k of r[4i + c]: column 4k + c of rows 4i .. 4i + 3
+        r[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {
+        m[c] = (vec)_mm256_permute2f128_ps(r[c], r[4 + c], 0x20);
+        m[4 + c] = (vec)_mm256_permute2f128_ps(r[c], r[4 + c], 0x31);
+    }
+#elif defined(__SSE__) && !defined(__AVX2__)
+    __m128 r0 = (__m128)m[0], r1 = (__m128)m[1], r2 = (__m128)m[2], r3 = (__m128)m[3];
+    _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+    m[0] = (vec)r0, m[1] = (vec)r1, m[2] = (vec)r2, m[3] = (vec)r3;
+#else
+    alignas(64) float tmp[LANES][LANES];
+    for (int i = 0; i < LANES; ++i)
+        for (int j = 0; j < LANES; ++j) tmp[j][i] = m[i][j];
+    std::memcpy(m, tmp, sizeof(tmp));
+#endif
+}
+
+// Small heads on a CPU with 32 vector registers: a key block's state (its vectors of k and v and their
+// gradients: 2 * DK + 2 * DV vectors) stays in registers through one fused loop over the query tokens, which
+// computes each logit, exponential and gradient term in one pass instead of in phases.
 template <int DK, int DV>
 constexpr bool fused_backward_fits() { return DK > 0 && DV > 0 && 2 * DK + 2 * DV <= VREGS; }
 
-// dq: one (query window, head) per item, queries in lanes.
-template <int DK, int DV>
-void backward_dq(const Shape& s, const QueryTokens& region, const float* q, const Layout& ql, const float* kv,
-                 const Layout& kvl, const int64_t* idx, const float* dout, const Layout& gl, const float* lse,
-                 const float* delta, float* dq, const Layout& dql) {
-    constexpr bool FUSED = fused_backward_fits<DK, DV>();
-    const int dk = DK > 0 ? DK : s.dk, dv = DV > 0 ? DV : s.dv;
-    const int64_t cq = s.cq();
-    parallel_items(s.n * s.p * s.heads, s.threads, [&](int64_t item) {
-        const int64_t win = item / s.heads, h = item % s.heads, b = win / s.p;
-        const int32_t* toks = region.list(win);
-        const int64_t count = region.count(win);
-        if (count < s.lq) region.zero_outside(dq + h * dk, dql, win, dk);
-        std::vector<vec> prob(FUSED ? 0 : s.lkv), dlogit(FUSED ? 0 : s.lkv);
-        alignas(64) vec qv[head_capacity<DK>()], dqv[head_capacity<DK>()], gv[head_capacity<DV>()];
-        const int64_t stats = (win * s.heads + h) * s.lq;
-        for (int64_t i0 = 0; i0 < count; i0 += LANES) {
-            const int valid = static_cast<int>(std::min<int64_t>(LANES, count - i0));
-            load_lanes<DK>(qv, dk, q, ql, win, toks, i0, h * dk, valid);
-            load_lanes<DV>(gv, dv, dout, gl, win, toks, i0, h * dv, valid);
-            const vec lse_v = load_stats(lse + stats, toks, i0, valid);
-            const vec delta_v = load_stats(delta + stats, toks, i0, valid);
-            for (int c = 0; c < dk; ++c) qv[c] *= s.scale * LOG2E, dqv[c] = vec{};
-            for (int64_t t = 0; t < s.topk; ++t) {
-                const int64_t kwin = b * s.p + idx[win * s.topk + t];
-                const float* keys = kv + kvl.win[kwin] + h * dk;
-                const float* values = kv + kvl.win[kwin] + cq + h * dv;
-                const auto key_row = [&](int64_t j) { return keys + kvl.tok[j]; };
-                const auto value_row = [&](int64_t j) { return values + kvl.tok[j]; };
-                if constexpr (FUSED) {
-                    for (int64_t j = 0; j < s.lkv; ++j) {
-                        const float* krow = key_row(j);
-                        const float* vrow = value_row(j);
-                        vec logit = qv[0] * krow[0];
-                        for (int c = 1; c < DK; ++c) logit += qv[c] * krow[c];
-                        const vec p = vexp2(logit - lse_v);
-                        vec dprob = gv[0] * vrow[0];
-                        for (int c = 1; c < DV; ++c) dprob += gv[c] * vrow[c];
-                        const vec dl = p * (dprob - delta_v);
-                        for (int c = 0; c < DK; ++c) dqv[c] += dl * krow[c];
-                    }
-                } else {
-                    dot_rows<1, DK>(qv, 0, dk, s.lkv, key_row, prob.data());
-                    for (int64_t j = 0; j < s.lkv; ++j) prob[j] = vexp2(prob[j] - lse_v);
-                    dot_rows<1, DV>(gv, 0, dv, s.lkv, value_row, dlogit.data());
-                    for (int64_t j = 0; j < s.lkv; ++j) dlogit[j] = prob[j] * (dlogit[j] - delta_v);
-                    accumulate_rows<1, DK>(dqv, 0, dk, s.lkv, dlogit.data(), key_row);
-                }
-            }
-            for (int c = 0; c < dk; ++c) dqv[c] *= s.scale;
-            store_lanes<DK>(dq, dql, win, toks, i0, h * dk, dqv, dk, valid);
+// dq partial sums of one image: slot u = p * topk + t, head h holds, at (u * heads + h) * blocks * dk, what the
+// key window routed at slot t of query window p adds to head h's dq: ceil(Lq / LANES) blocks of dk vectors
+// (queries in lanes, unscaled). The (key window, head) item of the slot's key window writes it, its key
+// blocks in order; the query side then sums the topk slots in order.
+//
+// Adds key block [j0, j0 + valid_k) of one key window to one query block's slot, part[0 .. dk): ds holds the
+// block's logit gradients, ds[l] the LANES keys of query l (zero for absent queries), and is transposed in
+// place to queries in lanes. first: the slot's first key block (it is written, not added to).
+template <int DK>
+inline void add_dq_partial(vec* part, bool first, vec* ds, int valid_k, const float* keys, const Layout& kvl,
+                           int64_t j0, int dk_rt) {
+    const int dk = DK > 0 ? DK : dk_rt;
+    transpose_block(ds);
+    for (int c0 = 0; c0 < dk; c0 += CHUNK) {
+        const int cn = std::min(CHUNK, dk - c0);
+        vec acc[CHUNK];
+        for (int c = 0; c < cn; ++c) acc[c] = first ? vec{} : part[c0 + c];
+        for (int j = 0; j < valid_k; ++j) {
+            const float* krow = keys + kvl.tok[j0 + j] + c0;
+            for (int c = 0; c < cn; ++c) acc[c] += ds[j] * krow[c];
         }
-    });
+        for (int c = 0; c < cn; ++c) part[c0 + c] = acc[c];
+    }
 }
 
-// dk and dv: one (key window, head) per item, keys in lanes, over the query windows that routed it.
+// The backward of one image b, in one pass over the (key window, head) items: keys in lanes, over the query
+// windows that routed the key window, each logit and exponential computed once; dk and dv accumulate in
+// registers, and the logit gradients of each LANES x LANES (query, key) block are transposed to queries in
+// lanes and added to that query window's dq partial sums (dq_part, when dq is wanted). A second pass sums
+// each query window's partials into dq. Every element is written by one item in a fixed order.
 template <int DK, int DV>
-void backward_dkv(const Shape& s, const QueryTokens& region, const RoutingInverse& inv, const float* q,
-                  const Layout& ql, const float* kv, const Layout& kvl, const float* dout, const Layout& gl,
-                  const float* lse, const float* delta, float* dkv, const Layout& dkvl) {
+void backward_image(int64_t b, const Shape& s, const QueryTokens& region, const RoutingInverse& inv,
+                    const float* q, const Layout& ql, const float* kv, const Layout& kvl, const float* dout,
+                    const Layout& gl, const float* lse, const float* delta, vec* dq_part, float* dq,
+                    const Layout* dql, float* dkv, const Layout* dkvl) {
     constexpr bool FUSED = fused_backward_fits<DK, DV>();
     const int dk = DK > 0 ? DK : s.dk, dv = DV > 0 ? DV : s.dv;
-    const int64_t cq = s.cq();
-    parallel_items(s.n * s.p * s.heads, s.threads, [&](int64_t item) {  // item = (b * P + r) * heads + h
-        const int64_t kwin = item / s.heads, h = item % s.heads, b = kwin / s.p, r = kwin % s.p;
+    const int64_t cq = s.cq(), blocks = (s.lq + LANES - 1) / LANES, slot_vecs = blocks * dk;
+    const int64_t* starts = inv.start.data() + b * (s.p + 1);
+    const int64_t* slots = inv.slot.data() + b * s.p * s.topk;
+    parallel_items(s.p * s.heads, s.threads, [&](int64_t item) {  // item = r * heads + h
+        const int64_t r = item / s.heads, h = item % s.heads, kwin = b * s.p + r;
         std::vector<vec> prob(FUSED ? 0 : s.lq), dlogit(FUSED ? 0 : s.lq);
         alignas(64) vec kv_[head_capacity<DK>()], vv[head_capacity<DV>()], dkv_[head_capacity<DK>()],
-            dvv[head_capacity<DV>()];
-        const int64_t* starts = inv.start.data() + b * (s.p + 1);
+            dvv[head_capacity<DV>()], ds[LANES];
+        const float* keys = kv + kvl.win[kwin] + h * dk;
         for (int64_t j0 = 0; j0 < s.lkv; j0 += LANES) {
             const int valid = static_cast<int>(std::min<int64_t>(LANES, s.lkv - j0));
             load_lanes<DK>(kv_, dk, kv, kvl, kwin, inv.keys.data(), j0, h * dk, valid);
@@ -658,27 +695,36 @@ void backward_dkv(const Shape& s, const QueryTokens& region, const RoutingInvers
             for (int c = 0; c < dk; ++c) kv_[c] *= s.scale * LOG2E, dkv_[c] = vec{};
             for (int c = 0; c < dv; ++c) dvv[c] = vec{};
             for (int64_t u = starts[r]; u < starts[r + 1]; ++u) {
-                const int64_t qwin = b * s.p + inv.win[b * s.p * s.topk + u];
+                const int64_t qwin = b * s.p + slots[u] / s.topk;
                 const int32_t* toks = region.list(qwin);
                 const int64_t count = region.count(qwin);
                 const float* queries = q + ql.win[qwin] + h * dk;
                 const float* grads = dout + gl.win[qwin] + h * dv;
                 const float* lse_row = lse + (qwin * s.heads + h) * s.lq;
                 const float* delta_row = delta + (qwin * s.heads + h) * s.lq;
+                vec* part = dq_part == nullptr ? nullptr : dq_part + (slots[u] * s.heads + h) * slot_vecs;
                 const auto query_row = [&](int64_t i) { return queries + ql.tok[toks[i]]; };
                 const auto grad_row = [&](int64_t i) { return grads + gl.tok[toks[i]]; };
                 if constexpr (FUSED) {
-                    for (int64_t i = 0; i < count; ++i) {
-                        const float* qrow = query_row(i);
-                        const float* grow = grad_row(i);
-                        vec logit = kv_[0] * qrow[0];
-                        for (int c = 1; c < DK; ++c) logit += kv_[c] * qrow[c];
-                        const vec p = vexp2(logit - lse_row[toks[i]]);
-                        vec dprob = vv[0] * grow[0];
-                        for (int c = 1; c < DV; ++c) dprob += vv[c] * grow[c];
-                        const vec dl = p * (dprob - delta_row[toks[i]]);
-                        for (int c = 0; c < DV; ++c) dvv[c] += p * grow[c];
-                        for (int c = 0; c < DK; ++c) dkv_[c] += dl * qrow[c];
+                    for (int64_t i0 = 0; i0 < count; i0 += LANES) {
+                        const int nq = static_cast<int>(std::min<int64_t>(LANES, count - i0));
+                        for (int l = 0; l < nq; ++l) {
+                            const int64_t i = i0 + l;
+                            const float* qrow = query_row(i);
+                            const float* grow = grad_row(i);
+                            vec logit = kv_[0] * qrow[0];
+                            for (int c = 1; c < DK; ++c) logit += kv_[c] * qrow[c];
+                            const vec p = vexp2(logit - lse_row[toks[i]]);
+                            vec dprob = vv[0] * grow[0];
+                            for (int c = 1; c < DV; ++c) dprob += vv[c] * grow[c];
+                            const vec dl = p * (dprob - delta_row[toks[i]]);
+                            for (int c = 0; c < DV; ++c) dvv[c] += p * grow[c];
+                            for (int c = 0; c < DK; ++c) dkv_[c] += dl * qrow[c];
+                            ds[l] = dl;
+                        }
+                        if (part == nullptr) continue;
+                        for (int l = nq; l < LANES; ++l) ds[l] = vec{};
+                        add_dq_partial<DK>(part + (i0 / LANES) * dk, j0 == 0, ds, valid, keys, kvl, j0, dk);
                     }
                 } else {
                     dot_rows<1, DK>(kv_, 0, dk, count, query_row, prob.data());
@@ -687,11 +733,35 @@ void backward_dkv(const Shape& s, const QueryTokens& region, const RoutingInvers
                     dot_rows<1, DV>(vv, 0, dv, count, grad_row, dlogit.data());
                     for (int64_t i = 0; i < count; ++i) dlogit[i] = prob[i] * (dlogit[i] - delta_row[toks[i]]);
                     accumulate_rows<1, DK>(dkv_, 0, dk, count, dlogit.data(), query_row);
+                    if (part == nullptr) continue;
+                    for (int64_t i0 = 0; i0 < count; i0 += LANES) {
+                        const int nq = static_cast<int>(std::min<int64_t>(LANES, count - i0));
+                        for (int l = 0; l < LANES; ++l) ds[l] = l < nq ? dlogit[i0 + l] : vec{};
+                        add_dq_partial<DK>(part + (i0 / LANES) * dk, j0 == 0, ds, valid, keys, kvl, j0, dk);
+                    }
                 }
             }
+            if (dkv == nullptr) continue;
             for (int c = 0; c < dk; ++c) dkv_[c] *= s.scale;
-            store_lanes<DK>(dkv, dkvl, kwin, inv.keys.data(), j0, h * dk, dkv_, dk, valid);
-            store_lanes<DV>(dkv, dkvl, kwin, inv.keys.data(), j0, cq + h * dv, dvv, dv, valid);
+            store_lanes<DK>(dkv, *dkvl, kwin, inv.keys.data(), j0, h * dk, dkv_, dk, valid);
+            store_lanes<DV>(dkv, *dkvl, kwin, inv.keys.data(), j0, cq + h * dv, dvv, dv, valid);
+        }
+    });
+    if (dq == nullptr) return;
+    parallel_items(s.p * s.heads, s.threads, [&](int64_t item) {  // item = p * heads + h
+        const int64_t p = item / s.heads, h = item % s.heads, win = b * s.p + p;
+        const int32_t* toks = region.list(win);
+        const int64_t count = region.count(win);
+        if (count < s.lq) region.zero_outside(dq + h * dk, *dql, win, dk);
+        alignas(64) vec sum[head_capacity<DK>()];
+        for (int64_t i0 = 0; i0 < count; i0 += LANES) {
+            const int valid = static_cast<int>(std::min<int64_t>(LANES, count - i0));
+            for (int64_t t = 0; t < s.topk; ++t) {
+                const vec* part = dq_part + ((p * s.topk + t) * s.heads + h) * slot_vecs + (i0 / LANES) * dk;
+                for (int c = 0; c < dk; ++c) sum[c] = t == 0 ? part[c] : sum[c] + part[c];
+            }
+            for (int c = 0; c < dk; ++c) sum[c] *= s.scale;
+            store_lanes<DK>(dq, *dql, win, toks, i0, h * dk, sum, dk, valid);
         }
     });
 }
@@ -741,18 +811,18 @@ int yoloattn_routed_backward(const RoutedArgs* args) {
     const Layout ql(s.n, args->q), kvl(s.n, args->kv), ol(s.n, args->out), gl(s.n, args->dout);
     const QueryTokens region(ql, s.n, s.rows_valid, s.cols_valid);
     const std::vector<float> delta = deltas(s, region, args->out.data, ol, args->dout.data, gl);
+    const RoutingInverse inv(s, args->idx);
+    const std::optional<Layout> dql = args->dq.data ? std::optional<Layout>(Layout(s.n, args->dq)) : std::nullopt;
+    const std::optional<Layout> dkvl = args->dkv.data ? std::optional<Layout>(Layout(s.n, args->dkv)) : std::nullopt;
     dispatch(s.dk, s.dv, [&](auto d) {
-        if (args->dq.data != nullptr) {
-            const Layout dql(s.n, args->dq);
-            backward_dq<d.value, d.value>(s, region, args->q.data, ql, args->kv.data, kvl, args->idx,
-                                          args->dout.data, gl, args->lse, delta.data(), args->dq.data, dql);
-        }
-        if (args->dkv.data != nullptr) {
-            const Layout dkvl(s.n, args->dkv);
-            const RoutingInverse inv(s, args->idx);
-            backward_dkv<d.value, d.value>(s, region, inv, args->q.data, ql, args->kv.data, kvl, args->dout.data, gl,
-                                           args->lse, delta.data(), args->dkv.data, dkvl);
-        }
+        // one image at a time: the dq partial sums (topk slots per query window and head) are reused
+        const int64_t slot_vecs = (s.lq + LANES - 1) / LANES * s.dk;
+        std::unique_ptr<vec[]> dq_part(args->dq.data ? new vec[s.p * s.topk * s.heads * slot_vecs] : nullptr);
+        for (int64_t b = 0; b < s.n; ++b)
+            backward_image<d.value, d.value>(b, s, region, inv, args->q.data, ql, args->kv.data, kvl,
+                                             args->dout.data, gl, args->lse, delta.data(), dq_part.get(),
+                                             args->dq.data, dql ? &*dql : nullptr, args->dkv.data,
+                                             dkvl ? &*dkvl : nullptr);
     });
     return OK;
 }
