@@ -251,3 +251,16 @@ def test_visualize_dat_and_untrained_warning(tmp_path):
 def test_info_prints_summary_and_layers(tmp_path):
     log = _cli(["info", "model=yolov10n-bra.yaml", "imgsz=320"], tmp_path)
     assert "GFLOPs" in log and "layer 17: BiLevelRoutingAttention(dim=64" in log and "layer 21: BiLevelRoutingAttention(dim=128" in log
+
+
+def test_bra_profile_names_where_it_ran_and_its_categories():
+    """The BRA profile's header names the CPU, threads, PyTorch's CPU kernels and the kernel build it used."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    proc = subprocess.run([sys.executable, "-m", "yoloattn.bench.profile", "--shape", "1,32,14,14", "--steps", "1",
+                           "--build", "x86-64"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    header = proc.stdout.splitlines()[0]
+    assert "BRA forward+backward at (1, 32, 14, 14), backend auto, on " in header
+    assert "2 threads" in header and "(CPU kernels " in header and ", oneDNN up to AVX2)" in header
+    assert "kernel -march=x86-64 (sse2)" in header or "no CPU kernel" in header
+    assert "| attention (kernel backward) |" in proc.stdout

@@ -148,7 +148,9 @@ def machine_info(device: str = "cpu") -> dict:
 
     model, isa = _cpu_model_and_isa()
     info = {"cpu": model, "isa": isa, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "device": device, "kernel": cpu.build_info()}
+            "torch": torch.__version__, "device": device, "kernel": cpu.build_info(),
+            # PyTorch's own CPU kernels: their ISA, and oneDNN's cap where one is set (an AVX2-only CPU emulated)
+            "torch_cpu": torch.backends.cpu.get_cpu_capability(), "onednn_max": os.environ.get("ONEDNN_MAX_CPU_ISA")}
     try:
         from importlib.metadata import version
 
@@ -166,7 +168,11 @@ def machine_line(info: dict) -> str:
     build = (f"kernel -march={kernel['march']} ({kernel['isa']})" if kernel["available"]
              else "no CPU kernel")
     where = info.get("gpu") or f"{info['cpu']} ({info['isa']}, {info['cores']} cores)"
-    return (f"{where}, {info['threads']} threads, torch {info['torch']}, ultralytics {info['ultralytics']}, {build}")
+    torch_cpu = f"CPU kernels {info['torch_cpu']}" if info.get("torch_cpu") else ""
+    if torch_cpu and info.get("onednn_max"):
+        torch_cpu += f", oneDNN up to {info['onednn_max']}"
+    torch_line = f"torch {info['torch']}" + (f" ({torch_cpu})" if torch_cpu else "")
+    return f"{where}, {info['threads']} threads, {torch_line}, ultralytics {info['ultralytics']}, {build}"
 
 
 def run_worker(module: str, spec: dict, memory: bool = False) -> dict:

@@ -18,6 +18,9 @@ from collections import defaultdict
 
 import torch
 
+from ..nn.functional import routed_attention_cpu as cpu
+from .measure import machine_info, machine_line
+
 __all__ = ["CATEGORIES", "profile_bra"]
 
 # op name -> category; first match wins
@@ -78,8 +81,9 @@ def main(argv=None) -> int:
     shape = tuple(int(v) for v in args.shape.split(","))
     totals = profile_bra(shape, args.backend, args.build, args.steps, args.threads)
     total = sum(totals.values())
-    print(f"BRA forward+backward at {shape}, backend {args.backend}, build {args.build or 'native'}: "
-          f"{total:.1f} ms per step (profiled)")
+    with cpu.use_build(args.build) if args.build else contextlib.nullcontext():
+        machine = machine_line(machine_info())
+    print(f"BRA forward+backward at {shape}, backend {args.backend}, on {machine}: {total:.1f} ms per step (profiled)")
     print("| category | ms | share |\n|---|---|---|")
     for category, ms in totals.items():
         print(f"| {category} | {ms:.1f} | {ms / total:.0%} |")
