@@ -203,6 +203,34 @@ def test_biformer_bench_bad_case_is_one_line():
     assert proc.stderr.strip().count("\n") == 0
 
 
+def test_model_bench_modes_and_training_shapes(tmp_path):
+    """``--modes both`` times both modes (it once matched neither and printed an empty table); bad specs are errors."""
+    from yoloattn.bench.models import parse_modes, parse_train_shapes
+
+    assert parse_modes("both") == parse_modes("inference,train") == ("inference", "train")
+    assert parse_modes("train, inference ") == ("train", "inference")
+    assert parse_modes("train") == ("train",) and parse_train_shapes("8x320, 4X640") == [(8, 320), (4, 640)]
+    for bad in ("bogus", "", "inference,both"):
+        with pytest.raises(ValueError, match="expected inference, train, both"):
+            parse_modes(bad)
+    for bad in ("8x", "0x320", "8*320", "8x320,"):
+        with pytest.raises(ValueError, match="expected BATCHxIMGSZ"):
+            parse_train_shapes(bad)
+    root = os.path.dirname(os.path.dirname(__file__))
+    proc = subprocess.run([sys.executable, "benchmarks/yolo.py", "--models", "yolov8n.yaml", "--imgsz", "64",
+                           "--train", "1x64", "--rounds", "3", "--modes", "both"], capture_output=True, text=True,
+                          cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| yolov8n.yaml | inference | 1 × 64 |" in proc.stdout and "| yolov8n.yaml | train | 1 × 64 |" in proc.stdout
+    proc = subprocess.run([sys.executable, "benchmarks/yolo.py", "--modes", "both,bogus"], capture_output=True,
+                          text=True, cwd=root)
+    assert proc.returncode == 2 and "error: modes 'both,bogus': expected" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "yoloattn.yolo.cli", "bench", "layers=", "models=yolov8n.yaml",
+                           "train=8x", f"out={tmp_path}"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
+    assert "training shapes '8x': expected BATCHxIMGSZ" in proc.stderr
+
+
 def test_bench_chart_text_does_not_overlap():
     from yoloattn._plots import overlapping_texts
     from yoloattn.bench.report import chart

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import statistics
 import sys
 
@@ -22,7 +23,7 @@ import torch
 
 from .measure import interleaved_rounds, machine_info, machine_line, ratio_median
 
-__all__ = ["DEFAULT_MODELS", "run_model_benchmark"]
+__all__ = ["DEFAULT_MODELS", "MODES", "parse_modes", "parse_train_shapes", "run_model_benchmark"]
 
 DEFAULT_MODELS = ("yolov8n.yaml", "yolov8n-bra.yaml", "yolov8n-dat.yaml")
 
@@ -69,11 +70,15 @@ def run_model_benchmark(models=DEFAULT_MODELS, imgsz: int = 640, device: str = "
     Returns:
         one dict per (model, mode, shape): ``model``, ``mode``, ``batch``, ``imgsz``, ``ms``, ``ratio``, ``params``,
         ``gflops`` (at ``imgsz``).
+
+    Raises:
+        ValueError: ``modes`` is not ``"both"`` or made of ``"inference"`` and ``"train"``.
     """
     from ultralytics.utils.torch_utils import get_flops
 
     from ..nn.functional import routed_attention_cpu as cpu
 
+    modes = parse_modes(modes if isinstance(modes, str) else ",".join(modes))
     torch.set_num_threads(threads)
     dev = torch.device(device)
     rows = []
@@ -108,20 +113,50 @@ def run_model_benchmark(models=DEFAULT_MODELS, imgsz: int = 640, device: str = "
     return rows
 
 
+MODES = ("inference", "train")
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    """``"inference"``, ``"train"``, ``"inference,train"`` or ``"both"`` as a tuple of modes; anything else raises."""
+    names = [m.strip().lower() for m in text.split(",") if m.strip()]
+    modes = MODES if names == ["both"] else tuple(dict.fromkeys(names))
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"modes {text!r}: expected inference, train, both or a comma-separated list of "
+                         f"{', '.join(MODES)}")
+    return modes
+
+
+def parse_train_shapes(text: str) -> list[tuple[int, int]]:
+    """``"8x320,4x640"`` as ``[(8, 320), (4, 640)]``; a malformed or non-positive entry raises."""
+    shapes = []
+    for spec in (s.strip() for s in text.split(",")):
+        match = re.fullmatch(r"(\d+)[xX](\d+)", spec)
+        if not match or min(int(match[1]), int(match[2])) < 1:
+            raise ValueError(f"training shapes {text!r}: expected BATCHxIMGSZ entries such as 8x320,4x640, got {spec!r}")
+        shapes.append((int(match[1]), int(match[2])))
+    return shapes
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model YAMLs or weights")
     parser.add_argument("--imgsz", type=int, default=640, help="inference image size (batch 1)")
-    parser.add_argument("--modes", default="inference,train", help="inference, train or both")
+    parser.add_argument("--modes", default="inference,train",
+                        help="inference, train, or both (the default)")
     parser.add_argument("--train", default="8x320,4x640", help="training steps as BATCHxIMGSZ, comma-separated")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--build", default=None, help="CPU kernel -march target, e.g. x86-64-v3 (AVX2), x86-64 (SSE2)")
     args = parser.parse_args(argv)
-    train_shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.train.split(",") if s]
+    try:
+        modes = parse_modes(args.modes)
+        train_shapes = parse_train_shapes(args.train) if "train" in modes else []
+    except ValueError as e:
+        parser.error(str(e))
     run_model_benchmark(args.models.split(","), args.imgsz, args.device, args.threads, args.rounds,
-                        modes=args.modes.split(","), train_shapes=train_shapes, build=args.build)
+                        modes=modes, train_shapes=train_shapes, build=args.build)
     return 0
 
 

@@ -79,13 +79,13 @@ def bench(layers="bra,dat,conv3x3", maps="P3,P4,P5", batches="1", models="yolov8
     """
     from .layers import run_layer_benchmark
     from .measure import machine_info, machine_line
-    from .models import run_model_benchmark
+    from .models import parse_train_shapes, run_model_benchmark
     from .._plots import save
 
     layer_list, model_list = _csv_list(layers), _csv_list(models)
     if not layer_list and not model_list:
         raise ValueError("yoloattn bench needs at least one of layers= or models=")
-    train_shapes = [tuple(int(v) for v in s.lower().split("x")) for s in _csv_list(train)]
+    train_shapes = parse_train_shapes(",".join(_csv_list(train))) if _csv_list(train) else []
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     layer_rows = (run_layer_benchmark(layer_list, _csv_list(maps), _csv_list(batches, int), device, dtype, int(threads),
