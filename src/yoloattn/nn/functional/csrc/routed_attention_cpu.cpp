@@ -27,6 +27,8 @@
 // float count of the widest vector register of the target (16 with AVX-512, 8 with AVX2, 4 with SSE2 or
 // NEON). Inner loops keep at most half the vector registers of operands and accumulators (see CHUNK), so
 // they do not spill; small heads on 32-register CPUs take a fused backward instead (fused_backward_fits).
+// Without AVX-512's broadcast memory operand, the phased backward splats its broadcast operands into vectors
+// once and reuses them (BROADCAST_OPERANDS).
 // Backward work items are (window, head) pairs, one image at a time. Each output element is written by one
 // thread in a fixed order: the results do not depend on the thread count.
 
@@ -386,7 +388,7 @@ inline void dot_rows(const vec* a, int stride, int d_rt, int64_t count, Rows row
         for (int k = 0; k < NB; ++k)
             for (int c = 0; c < cn; ++c) ac[k][c] = a[k * stride + c0 + c];
         for (int64_t i = 0; i < count; ++i) {
-            const float* r = rows(i) + c0;
+            const auto r = rows(i) + c0;  // floats (broadcast) or splatted vectors
             vec acc[NB];
             for (int k = 0; k < NB; ++k) acc[k] = ac[k][0] * r[0];
             for (int c = 1; c < cn; ++c)
@@ -407,7 +409,7 @@ inline void accumulate_rows(vec* b, int stride, int d_rt, int64_t count, const v
         for (int k = 0; k < NB; ++k)
             for (int c = 0; c < cn; ++c) bc[k][c] = b[k * stride + c0 + c];
         for (int64_t i = 0; i < count; ++i) {
-            const float* r = rows(i) + c0;
+            const auto r = rows(i) + c0;  // floats (broadcast) or splatted vectors
             for (int c = 0; c < cn; ++c)
                 for (int k = 0; k < NB; ++k) bc[k][c] += w[i * NB + k] * r[c];
         }
@@ -642,6 +644,17 @@ inline void transpose_block(vec* m) {
 template <int DK, int DV>
 constexpr bool fused_backward_fits() { return DK > 0 && DV > 0 && 2 * DK + 2 * DV <= VREGS; }
 
+// AVX-512 FMAs take a broadcast memory operand ({1to16}) for free. Elsewhere (AVX2, SSE, NEON) each broadcast
+// is an operation of its own on the FP pipes, as costly as the FMA using it. Measured (the backward at
+// (1, 64, 80, 80), 2 threads of an AMD Zen 5), a broadcast per FMA against operands splatted once and reused:
+// AVX2 build 25.6 -> 18.5 ms, SSE2 58.6 -> 39.6 ms; with AVX-512 and head size 16, 30.6 -> 37.9 ms (slower).
+// The forward gained nothing from it (10.3 ms either way with AVX2): it keeps broadcasting.
+#if defined(__AVX512F__)
+constexpr bool BROADCAST_OPERANDS = true;
+#else
+constexpr bool BROADCAST_OPERANDS = false;
+#endif
+
 // dq partial sums of one image: slot u = p * topk + t, head h holds, at (u * heads + h) * blocks * dk, what the
 // key window routed at slot t of query window p adds to head h's dq: ceil(Lq / LANES) blocks of dk vectors
 // (queries in lanes, unscaled). The (key window, head) item of the slot's key window writes it, its key
@@ -650,9 +663,9 @@ constexpr bool fused_backward_fits() { return DK > 0 && DV > 0 && 2 * DK + 2 * D
 // Adds key block [j0, j0 + valid_k) of one key window to one query block's slot, part[0 .. dk): ds holds the
 // block's logit gradients, ds[l] the LANES keys of query l (zero for absent queries), and is transposed in
 // place to queries in lanes. first: the slot's first key block (it is written, not added to).
-template <int DK>
-inline void add_dq_partial(vec* part, bool first, vec* ds, int valid_k, const float* keys, const Layout& kvl,
-                           int64_t j0, int dk_rt) {
+// key_row(j) gives key j0 + j's channels: floats (broadcast here) or splatted vectors.
+template <int DK, class KeyRow>
+inline void add_dq_partial(vec* part, bool first, vec* ds, int valid_k, KeyRow key_row, int dk_rt) {
     const int dk = DK > 0 ? DK : dk_rt;
     transpose_block(ds);
     for (int c0 = 0; c0 < dk; c0 += CHUNK) {
@@ -660,7 +673,7 @@ inline void add_dq_partial(vec* part, bool first, vec* ds, int valid_k, const fl
         vec acc[CHUNK];
         for (int c = 0; c < cn; ++c) acc[c] = first ? vec{} : part[c0 + c];
         for (int j = 0; j < valid_k; ++j) {
-            const float* krow = keys + kvl.tok[j0 + j] + c0;
+            const auto krow = key_row(j) + c0;
             for (int c = 0; c < cn; ++c) acc[c] += ds[j] * krow[c];
         }
         for (int c = 0; c < cn; ++c) part[c0 + c] = acc[c];
@@ -684,67 +697,141 @@ void backward_image(int64_t b, const Shape& s, const QueryTokens& region, const 
     const int64_t* slots = inv.slot.data() + b * s.p * s.topk;
     parallel_items(s.p * s.heads, s.threads, [&](int64_t item) {  // item = r * heads + h
         const int64_t r = item / s.heads, h = item % s.heads, kwin = b * s.p + r;
-        std::vector<vec> prob(FUSED ? 0 : s.lq), dlogit(FUSED ? 0 : s.lq);
-        alignas(64) vec kv_[head_capacity<DK>()], vv[head_capacity<DV>()], dkv_[head_capacity<DK>()],
-            dvv[head_capacity<DV>()], ds[LANES];
         const float* keys = kv + kvl.win[kwin] + h * dk;
-        for (int64_t j0 = 0; j0 < s.lkv; j0 += LANES) {
-            const int valid = static_cast<int>(std::min<int64_t>(LANES, s.lkv - j0));
-            load_lanes<DK>(kv_, dk, kv, kvl, kwin, inv.keys.data(), j0, h * dk, valid);
-            load_lanes<DV>(vv, dv, kv, kvl, kwin, inv.keys.data(), j0, cq + h * dv, valid);
-            for (int c = 0; c < dk; ++c) kv_[c] *= s.scale * LOG2E, dkv_[c] = vec{};
-            for (int c = 0; c < dv; ++c) dvv[c] = vec{};
-            for (int64_t u = starts[r]; u < starts[r + 1]; ++u) {
-                const int64_t qwin = b * s.p + slots[u] / s.topk;
-                const int32_t* toks = region.list(qwin);
-                const int64_t count = region.count(qwin);
-                const float* queries = q + ql.win[qwin] + h * dk;
-                const float* grads = dout + gl.win[qwin] + h * dv;
-                const float* lse_row = lse + (qwin * s.heads + h) * s.lq;
-                const float* delta_row = delta + (qwin * s.heads + h) * s.lq;
-                vec* part = dq_part == nullptr ? nullptr : dq_part + (slots[u] * s.heads + h) * slot_vecs;
-                const auto query_row = [&](int64_t i) { return queries + ql.tok[toks[i]]; };
-                const auto grad_row = [&](int64_t i) { return grads + gl.tok[toks[i]]; };
-                if constexpr (FUSED) {
-                    for (int64_t i0 = 0; i0 < count; i0 += LANES) {
-                        const int nq = static_cast<int>(std::min<int64_t>(LANES, count - i0));
-                        for (int l = 0; l < nq; ++l) {
-                            const int64_t i = i0 + l;
-                            const float* qrow = query_row(i);
-                            const float* grow = grad_row(i);
-                            vec logit = kv_[0] * qrow[0];
-                            for (int c = 1; c < DK; ++c) logit += kv_[c] * qrow[c];
-                            const vec p = vexp2(logit - lse_row[toks[i]]);
-                            vec dprob = vv[0] * grow[0];
-                            for (int c = 1; c < DV; ++c) dprob += vv[c] * grow[c];
-                            const vec dl = p * (dprob - delta_row[toks[i]]);
-                            for (int c = 0; c < DV; ++c) dvv[c] += p * grow[c];
-                            for (int c = 0; c < DK; ++c) dkv_[c] += dl * qrow[c];
-                            ds[l] = dl;
+        // the routing slot u's query window: its query tokens and their rows, statistics and dq partials
+        struct Slot {
+            const int32_t* toks;
+            int64_t count;
+            const float *queries, *grads, *lse_row, *delta_row;
+            vec* part;
+        };
+        const auto slot_of = [&](int64_t u) {
+            const int64_t qwin = b * s.p + slots[u] / s.topk;
+            return Slot{region.list(qwin), region.count(qwin), q + ql.win[qwin] + h * dk, dout + gl.win[qwin] + h * dv,
+                        lse + (qwin * s.heads + h) * s.lq, delta + (qwin * s.heads + h) * s.lq,
+                        dq_part == nullptr ? nullptr : dq_part + (slots[u] * s.heads + h) * slot_vecs};
+        };
+        if constexpr (FUSED || BROADCAST_OPERANDS) {
+            std::vector<vec> prob(FUSED ? 0 : s.lq), dlogit(FUSED ? 0 : s.lq);
+            alignas(64) vec kv_[head_capacity<DK>()], vv[head_capacity<DV>()], dkv_[head_capacity<DK>()],
+                dvv[head_capacity<DV>()], ds[LANES];
+            for (int64_t j0 = 0; j0 < s.lkv; j0 += LANES) {
+                const int valid = static_cast<int>(std::min<int64_t>(LANES, s.lkv - j0));
+                load_lanes<DK>(kv_, dk, kv, kvl, kwin, inv.keys.data(), j0, h * dk, valid);
+                load_lanes<DV>(vv, dv, kv, kvl, kwin, inv.keys.data(), j0, cq + h * dv, valid);
+                for (int c = 0; c < dk; ++c) kv_[c] *= s.scale * LOG2E, dkv_[c] = vec{};
+                for (int c = 0; c < dv; ++c) dvv[c] = vec{};
+                const auto key_row = [&](int j) { return keys + kvl.tok[j0 + j]; };
+                for (int64_t u = starts[r]; u < starts[r + 1]; ++u) {
+                    const Slot sl = slot_of(u);
+                    const auto query_row = [&](int64_t i) { return sl.queries + ql.tok[sl.toks[i]]; };
+                    const auto grad_row = [&](int64_t i) { return sl.grads + gl.tok[sl.toks[i]]; };
+                    if constexpr (FUSED) {
+                        for (int64_t i0 = 0; i0 < sl.count; i0 += LANES) {
+                            const int nq = static_cast<int>(std::min<int64_t>(LANES, sl.count - i0));
+                            for (int l = 0; l < nq; ++l) {
+                                const int32_t t = sl.toks[i0 + l];
+                                const float* qrow = query_row(i0 + l);
+                                const float* grow = grad_row(i0 + l);
+                                vec logit = kv_[0] * qrow[0];
+                                for (int c = 1; c < DK; ++c) logit += kv_[c] * qrow[c];
+                                const vec p = vexp2(logit - sl.lse_row[t]);
+                                vec dprob = vv[0] * grow[0];
+                                for (int c = 1; c < DV; ++c) dprob += vv[c] * grow[c];
+                                const vec dl = p * (dprob - sl.delta_row[t]);
+                                for (int c = 0; c < DV; ++c) dvv[c] += p * grow[c];
+                                for (int c = 0; c < DK; ++c) dkv_[c] += dl * qrow[c];
+                                ds[l] = dl;
+                            }
+                            if (sl.part == nullptr) continue;
+                            for (int l = nq; l < LANES; ++l) ds[l] = vec{};
+                            add_dq_partial<DK>(sl.part + (i0 / LANES) * dk, j0 == 0, ds, valid, key_row, dk);
                         }
-                        if (part == nullptr) continue;
-                        for (int l = nq; l < LANES; ++l) ds[l] = vec{};
-                        add_dq_partial<DK>(part + (i0 / LANES) * dk, j0 == 0, ds, valid, keys, kvl, j0, dk);
+                    } else {
+                        dot_rows<1, DK>(kv_, 0, dk, sl.count, query_row, prob.data());
+                        for (int64_t i = 0; i < sl.count; ++i) prob[i] = vexp2(prob[i] - sl.lse_row[sl.toks[i]]);
+                        accumulate_rows<1, DV>(dvv, 0, dv, sl.count, prob.data(), grad_row);
+                        dot_rows<1, DV>(vv, 0, dv, sl.count, grad_row, dlogit.data());
+                        for (int64_t i = 0; i < sl.count; ++i)
+                            dlogit[i] = prob[i] * (dlogit[i] - sl.delta_row[sl.toks[i]]);
+                        accumulate_rows<1, DK>(dkv_, 0, dk, sl.count, dlogit.data(), query_row);
+                        if (sl.part == nullptr) continue;
+                        for (int64_t i0 = 0; i0 < sl.count; i0 += LANES) {
+                            const int nq = static_cast<int>(std::min<int64_t>(LANES, sl.count - i0));
+                            for (int l = 0; l < LANES; ++l) ds[l] = l < nq ? dlogit[i0 + l] : vec{};
+                            add_dq_partial<DK>(sl.part + (i0 / LANES) * dk, j0 == 0, ds, valid, key_row, dk);
+                        }
                     }
-                } else {
-                    dot_rows<1, DK>(kv_, 0, dk, count, query_row, prob.data());
-                    for (int64_t i = 0; i < count; ++i) prob[i] = vexp2(prob[i] - lse_row[toks[i]]);
-                    accumulate_rows<1, DV>(dvv, 0, dv, count, prob.data(), grad_row);
-                    dot_rows<1, DV>(vv, 0, dv, count, grad_row, dlogit.data());
-                    for (int64_t i = 0; i < count; ++i) dlogit[i] = prob[i] * (dlogit[i] - delta_row[toks[i]]);
-                    accumulate_rows<1, DK>(dkv_, 0, dk, count, dlogit.data(), query_row);
-                    if (part == nullptr) continue;
-                    for (int64_t i0 = 0; i0 < count; i0 += LANES) {
-                        const int nq = static_cast<int>(std::min<int64_t>(LANES, count - i0));
-                        for (int l = 0; l < LANES; ++l) ds[l] = l < nq ? dlogit[i0 + l] : vec{};
-                        add_dq_partial<DK>(part + (i0 / LANES) * dk, j0 == 0, ds, valid, keys, kvl, j0, dk);
+                }
+                if (dkv == nullptr) continue;
+                for (int c = 0; c < dk; ++c) dkv_[c] *= s.scale;
+                store_lanes<DK>(dkv, *dkvl, kwin, inv.keys.data(), j0, h * dk, dkv_, dk, valid);
+                store_lanes<DV>(dkv, *dkvl, kwin, inv.keys.data(), j0, cq + h * dv, dvv, dv, valid);
+            }
+        } else {
+            // Without broadcast operands: phases over a chunk of queries per key block, every broadcast operand
+            // splatted into a vector once per routing slot (query and output-gradient rows, statistics) or item
+            // (key rows) instead of once per key block, so the FMAs read plain vectors. Key blocks keep their k
+            // and v vectors and their dk and dv sums here between slots; each sum still runs over the slots and
+            // then the queries in order, as in the loop above (the results are the same to the bit).
+            const int64_t key_blocks = (s.lkv + LANES - 1) / LANES, state = 2 * (dk + dv);
+            // queries per chunk: their splatted q and dout rows stay within about 24 KiB (L1)
+            const int64_t chunk = std::max<int64_t>(LANES, 24576 / ((dk + dv) * sizeof(vec)) / LANES * LANES);
+            std::vector<vec> kstate(key_blocks * state), ksplat(s.lkv * dk), qsplat(chunk * dk), gsplat(chunk * dv),
+                lse_splat(chunk), delta_splat(chunk), prob(chunk), dlogit(chunk);
+            for (int64_t jb = 0; jb < key_blocks; ++jb) {  // state of block jb: k, v, dk sum, dv sum
+                vec* st = kstate.data() + jb * state;
+                const int valid = static_cast<int>(std::min<int64_t>(LANES, s.lkv - jb * LANES));
+                load_lanes<DK>(st, dk, kv, kvl, kwin, inv.keys.data(), jb * LANES, h * dk, valid);
+                load_lanes<DV>(st + dk, dv, kv, kvl, kwin, inv.keys.data(), jb * LANES, cq + h * dv, valid);
+                for (int c = 0; c < dk; ++c) st[c] *= s.scale * LOG2E;
+                std::fill(st + dk + dv, st + state, vec{});
+            }
+            for (int64_t j = 0; j < s.lkv; ++j)
+                for (int c = 0; c < dk; ++c) ksplat[j * dk + c] = splat(keys[kvl.tok[j] + c]);
+            alignas(64) vec ds[LANES];
+            for (int64_t u = starts[r]; u < starts[r + 1]; ++u) {
+                const Slot sl = slot_of(u);
+                for (int64_t c0 = 0; c0 < sl.count; c0 += chunk) {
+                    const int64_t cn = std::min(chunk, sl.count - c0);
+                    for (int64_t i = 0; i < cn; ++i) {
+                        const int32_t t = sl.toks[c0 + i];
+                        const float* qrow = sl.queries + ql.tok[t];
+                        const float* grow = sl.grads + gl.tok[t];
+                        for (int c = 0; c < dk; ++c) qsplat[i * dk + c] = splat(qrow[c]);
+                        for (int c = 0; c < dv; ++c) gsplat[i * dv + c] = splat(grow[c]);
+                        lse_splat[i] = splat(sl.lse_row[t]);
+                        delta_splat[i] = splat(sl.delta_row[t]);
+                    }
+                    const auto query_row = [&](int64_t i) { return qsplat.data() + i * dk; };
+                    const auto grad_row = [&](int64_t i) { return gsplat.data() + i * dv; };
+                    for (int64_t jb = 0; jb < key_blocks; ++jb) {
+                        vec* st = kstate.data() + jb * state;
+                        dot_rows<1, DK>(st, 0, dk, cn, query_row, prob.data());
+                        for (int64_t i = 0; i < cn; ++i) prob[i] = vexp2(prob[i] - lse_splat[i]);
+                        accumulate_rows<1, DV>(st + 2 * dk + dv, 0, dv, cn, prob.data(), grad_row);
+                        dot_rows<1, DV>(st + dk, 0, dv, cn, grad_row, dlogit.data());
+                        for (int64_t i = 0; i < cn; ++i) dlogit[i] = prob[i] * (dlogit[i] - delta_splat[i]);
+                        accumulate_rows<1, DK>(st + dk + dv, 0, dk, cn, dlogit.data(), query_row);
+                        if (sl.part == nullptr) continue;
+                        const int valid = static_cast<int>(std::min<int64_t>(LANES, s.lkv - jb * LANES));
+                        const auto key_row = [&](int j) { return ksplat.data() + (jb * LANES + j) * dk; };
+                        for (int64_t i0 = 0; i0 < cn; i0 += LANES) {
+                            const int nq = static_cast<int>(std::min<int64_t>(LANES, cn - i0));
+                            for (int l = 0; l < LANES; ++l) ds[l] = l < nq ? dlogit[i0 + l] : vec{};
+                            add_dq_partial<DK>(sl.part + ((c0 + i0) / LANES) * dk, jb == 0, ds, valid, key_row, dk);
+                        }
                     }
                 }
             }
-            if (dkv == nullptr) continue;
-            for (int c = 0; c < dk; ++c) dkv_[c] *= s.scale;
-            store_lanes<DK>(dkv, *dkvl, kwin, inv.keys.data(), j0, h * dk, dkv_, dk, valid);
-            store_lanes<DV>(dkv, *dkvl, kwin, inv.keys.data(), j0, cq + h * dv, dvv, dv, valid);
+            if (dkv == nullptr) return;
+            for (int64_t jb = 0; jb < key_blocks; ++jb) {
+                vec* st = kstate.data() + jb * state;
+                const int valid = static_cast<int>(std::min<int64_t>(LANES, s.lkv - jb * LANES));
+                for (int c = 0; c < dk; ++c) st[dk + dv + c] *= s.scale;
+                store_lanes<DK>(dkv, *dkvl, kwin, inv.keys.data(), jb * LANES, h * dk, st + dk + dv, dk, valid);
+                store_lanes<DV>(dkv, *dkvl, kwin, inv.keys.data(), jb * LANES, cq + h * dv, st + 2 * dk + dv, dv, valid);
+            }
         }
     });
     if (dq == nullptr) return;
