@@ -736,12 +736,20 @@ void backward_image(int64_t b, const Shape& s, const QueryTokens& region, const 
                                 vec logit = kv_[0] * qrow[0];
                                 for (int c = 1; c < DK; ++c) logit += kv_[c] * qrow[c];
                                 const vec p = vexp2(logit - sl.lse_row[t]);
+                                // each dout element feeds both of its FMAs at once: one broadcast register
                                 vec dprob = vv[0] * grow[0];
-                                for (int c = 1; c < DV; ++c) dprob += vv[c] * grow[c];
-                                const vec dl = p * (dprob - sl.delta_row[t]);
-                                for (int c = 0; c < DV; ++c) dvv[c] += p * grow[c];
-                                for (int c = 0; c < DK; ++c) dkv_[c] += dl * qrow[c];
-                                ds[l] = dl;
+                                dvv[0] += p * grow[0];
+                                for (int c = 1; c < DV; ++c) {
+                                    dprob += vv[c] * grow[c];
+                                    dvv[c] += p * grow[c];
+                                }
+                                ds[l] = p * (dprob - sl.delta_row[t]);
+                            }
+                            // the dk sums apart: with them in the loop above, its operands and accumulators
+                            // outnumber the 32 registers and spill
+                            for (int l = 0; l < nq; ++l) {
+                                const float* qrow = query_row(i0 + l);
+                                for (int c = 0; c < DK; ++c) dkv_[c] += ds[l] * qrow[c];
                             }
                             if (sl.part == nullptr) continue;
                             for (int l = nq; l < LANES; ++l) ds[l] = vec{};
