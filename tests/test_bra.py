@@ -493,3 +493,37 @@ def test_output_layout_follows_the_measured_rule(monkeypatch, capability):
     assert not inference.is_contiguous() and inference.is_contiguous(memory_format=torch.channels_last)
     assert training.is_contiguous() == (capability != "AVX512")
     torch.testing.assert_close(training.detach(), inference)
+
+
+def test_training_on_the_kernel_runs_one_op_of_the_projection(monkeypatch):
+    """With autograd on and the CPU kernel chosen, BRA runs the projection op (its backward returns the whole
+    projection's gradient with the LePE's added in); outputs and every gradient equal the tile op's path to the
+    bit, padded and channels-last inputs, with and without LePE. Inference and soft routing keep the tile op."""
+    import yoloattn.nn.bra as bra_module
+
+    calls = []
+    projection_op = bra_module.routed_attention_qkv_cpu
+    monkeypatch.setattr(bra_module, "routed_attention_qkv_cpu", lambda *a, **k: calls.append(1) or projection_op(*a, **k))
+    for side_dwconv, shape, channels_last in [(3, (2, 16, 13, 9), False), (5, (1, 16, 8, 8), True), (0, (2, 16, 5, 16), False)]:
+        layer = BiLevelRoutingAttention(16, n_win=4, num_heads=2, side_dwconv=side_dwconv)
+        x = torch.randn(shape)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        results = []
+        for projection in (True, False):
+            if not projection:
+                monkeypatch.setattr(layer, "_projection_op_applies", lambda *a: False)
+            calls.clear()
+            results.append(_run(layer, x.clone().requires_grad_(), "cpu"))
+            assert len(calls) == (1 if projection else 0)
+        (out, grads), (expected_out, expected_grads) = results
+        assert torch.equal(out, expected_out)
+        assert all((g is None and e is None) or torch.equal(g, e) for g, e in zip(grads, expected_grads, strict=True))
+    calls.clear()
+    layer = BiLevelRoutingAttention(16, n_win=4, num_heads=2)
+    with torch.no_grad(), use_backend(routed_attention="cpu"):
+        layer(torch.randn(1, 16, 8, 8))
+    soft = BiLevelRoutingAttention(16, n_win=4, num_heads=2, soft_routing=True)
+    with use_backend(routed_attention="sdpa"):
+        soft(torch.randn(1, 16, 8, 8, requires_grad=True)).sum().backward()
+    assert calls == []

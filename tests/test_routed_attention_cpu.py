@@ -253,6 +253,60 @@ def test_opcheck(case):
         torch.library.opcheck(torch.ops.yoloattn.routed_attention.default, args, test_utils=tests)
 
 
+def _projection(n, height, width, qk_dim, v_dim, n_win, topk, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(n, height, width, 2 * qk_dim + v_dim, generator=g)
+    r_idx = torch.stack([torch.randperm(n_win * n_win, generator=g)[:topk] for _ in range(n * n_win * n_win)])
+    return qkv.requires_grad_(), r_idx.view(n, n_win * n_win, topk)
+
+
+@pytest.mark.parametrize("case", [(1, 6, 6, 3, 2, 8, 8, 2), (2, 14, 21, 7, 2, 8, 16, 3)],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_opcheck_projection_op(case):
+    n, height, width, n_win, heads, qk_dim, v_dim, topk = case
+    qkv, r_idx = _projection(n, height, width, qk_dim, v_dim, n_win, topk)
+    for valid in ((height, width), (height - 1, width - 2)):
+        args = (qkv, r_idx, heads, qk_dim, n_win, qk_dim**-0.5, *valid)
+        torch.library.opcheck(torch.ops.yoloattn.routed_attention_qkv.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic",
+                                          "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("march", BUILDS)
+def test_projection_op_equals_the_tile_op(march):
+    """The projection op's out and v, and its one gradient of qkv with the values' gradient added in, equal the
+    tile op's out and gradients of q and kv plus the values' gradient, to the bit (the same kernel, the same sums)."""
+    _build_or_skip(march)
+    n, height, width, n_win, heads, qk_dim, v_dim, topk = 2, 13, 9, 3, 2, 8, 16, 4
+    qkv, r_idx = _projection(n, 15, 9, qk_dim, v_dim, n_win, topk)
+    g_out, g_v = torch.randn(n, height, width, v_dim), torch.randn(n, 15, 9, v_dim)
+    with cpu.use_build(march):
+        out, v = cpu.routed_attention_qkv_cpu(qkv, r_idx, num_heads=heads, qk_dim=qk_dim, n_win=n_win, scale=0.3,
+                                              valid_hw=(height, width))
+        (dqkv,) = torch.autograd.grad([out, v], [qkv], [g_out, g_v])
+        base = qkv.detach().clone().requires_grad_()
+        q, kv = cpu._qkv_tiles(base, qk_dim, n_win)
+        expected = cpu.routed_attention_cpu(q, kv, r_idx, num_heads=heads, scale=0.3, valid_hw=(height, width))
+        values = base[..., 2 * qk_dim:]
+        (expected_dqkv,) = torch.autograd.grad([expected, values], [base], [g_out, g_v])
+    assert torch.equal(out, expected) and torch.equal(v, qkv.detach()[..., 2 * qk_dim:])
+    assert v.is_contiguous() and v.data_ptr() != qkv.data_ptr()
+    assert torch.equal(dqkv, expected_dqkv)
+    (dqkv_no_v,) = torch.autograd.grad(cpu.routed_attention_qkv_cpu(
+        qkv, r_idx, num_heads=heads, qk_dim=qk_dim, n_win=n_win, scale=0.3, valid_hw=(height, width))[0], [qkv], g_out)
+    torch.testing.assert_close(dqkv_no_v, expected_dqkv - torch.cat([torch.zeros(n, 15, 9, 2 * qk_dim), g_v], -1),
+                               atol=1e-6, rtol=0)
+
+
+def test_projection_op_rejects_a_bad_projection():
+    qkv, r_idx = _projection(1, 7, 7, 8, 8, 3, 2)
+    with pytest.raises(ValueError, match=r"H and W multiples of n_win=3"):
+        cpu.routed_attention_qkv_cpu(qkv, r_idx, num_heads=2, qk_dim=8, n_win=3, scale=0.3, valid_hw=(7, 7))
+    qkv, r_idx = _projection(1, 6, 6, 8, 8, 3, 2)
+    with pytest.raises(ValueError, match=r"2·qk_dim \+ Cv"):
+        cpu.routed_attention_qkv_cpu(qkv, r_idx, num_heads=2, qk_dim=12, n_win=3, scale=0.3, valid_hw=(6, 6))
+
+
 def test_flop_counter_counts_the_op():
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -26,7 +26,7 @@ __all__ = ["CATEGORIES", "profile_bra"]
 # op name -> category; first match wins
 CATEGORIES = [
     # a custom op with autograd runs its forward inside an autograd function named GeneratedBackwardFor_<op>
-    ("attention (kernel backward)", ("yoloattn::routed_attention_backward",)),
+    ("attention (kernel backward)", ("yoloattn::routed_attention_backward", "yoloattn::routed_attention_qkv_backward")),
     ("attention (kernel forward)", ("yoloattn::routed_attention", "GeneratedBackwardFor_yoloattn_routed_attention")),
     ("attention (sdpa, gathers)", ("scaled_dot_product", "_flash_attention", "index_select", "index_add", "gather",
                                    "_efficient_attention", "softmax_backward")),

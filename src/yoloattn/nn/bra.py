@@ -28,6 +28,7 @@ from torch import Tensor
 from ._checks import check_image, choice, flag, odd_kernel, positive_int, real
 from .functional.depthwise_conv import depthwise_conv_module
 from .functional.routed_attention import ROUTED_ATTENTION, routed_attention
+from .functional.routed_attention_cpu import routed_attention_qkv_cpu
 
 __all__ = ["BiLevelRoutingAttention", "TopkRouting", "QKVLinear"]
 
@@ -142,7 +143,8 @@ def _to_nchw(x: Tensor) -> Tensor:
     The view's layout travels into the next Conv, BatchNorm and Concat. Measured on an AMD Zen 4 (YOLOv8n-BRA
     training step at batch 4, 640, ratio to YOLOv8n): with PyTorch and oneDNN held to AVX2, their backward in
     that layout cost more than the copy (1.32 with the view, 1.26 with the copy); with AVX-512 the view was
-    faster (1.18 against 1.22), and in inference it was faster on both.
+    faster (1.18 against 1.22), and in inference it was faster on both. On a Zen 5, the same A/B: 1.259 view
+    against 1.246 copy with AVX2, 1.238 against 1.262 with AVX-512.
     """
     nchw = x.permute(0, 3, 1, 2)
     copy = x.requires_grad and x.device.type == "cpu" and _CPU_CAPABILITY != "AVX512"
@@ -268,6 +270,14 @@ class BiLevelRoutingAttention(nn.Module):
             pooled = self.kv_down(tiles)  # (N·P, C, h', w')
         return pooled.permute(0, 2, 3, 1).reshape(n, py, px, *pooled.shape[2:], c)
 
+    def _projection_op_applies(self, qkv: Tensor, route_weight: Tensor | None, ret_attn_mask: bool) -> bool:
+        """Whether the attention may run as one op of the whole projection (:func:`routed_attention_qkv_cpu`):
+        when it is differentiated (its backward is what it saves), on plain keys and values with hard routing, and
+        in eager mode (a compiler fuses autograd's copies itself)."""
+        return (qkv.requires_grad and torch.is_grad_enabled() and qkv.device.type == "cpu" and route_weight is None
+                and not ret_attn_mask and isinstance(self.kv_down, nn.Identity)
+                and not torch.compiler.is_compiling())
+
     def routing(self, x: Tensor) -> Tensor:
         """The router's region-to-region logits for an NCHW input: (N, n_win², n_win²), fp32; row p holds query
         window p's affinity to every key window (windows numbered row-major over the padded map). The layer
@@ -301,29 +311,33 @@ class BiLevelRoutingAttention(nn.Module):
         # (-size) % n_win: non-negative by construction, also for torch.export's symbolic sizes
         pad_b, pad_r = (-h_in) % n_win, (-w_in) % n_win
         x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        # Project the image once and cut the projections into windows as strided views (no copies): the CPU
-        # kernel reads the tiles in place; the other backends copy them into window blocks.
-        q_img, kv_img = self.qkv(x)  # (N, H', W', Cqk), (N, H', W', Cqk + C)
+        qkv = self.qkv.qkv(x)  # (N, H', W', 2·Cqk + C): the image projected once
         # split, not slicing: the backward of a slice writes a zero tensor of the full size
+        q_img, kv_img = qkv.split([self.qk_dim, self.qk_dim + self.dim], dim=-1)  # (N, H', W', Cqk), (.., Cqk + C)
         k_img, v_img = kv_img.split([self.qk_dim, self.dim], dim=-1)
-        # LePE on the values, in the padded image layout like BiFormer; a channels-last copy, so the conv runs
-        # and returns channels-last (NHWC) and adding it below is a dense add
-        lepe = None
+        q_win, k_win = _tiles(q_img, n_win), _tiles(k_img, n_win)  # (N, n_win, n_win, h, w, C)
+        r_weight, r_idx = self.router(_tile_means(q_win), _tile_means(k_win))  # window means (N, P, Cqk)
+        kv_win, route_weight = self._pool_kv(_tiles(kv_img, n_win)), r_weight if self.soft_routing else None
+        kwargs = dict(num_heads=self.num_heads, scale=self.scale, valid_hw=(h_in, w_in))
+        out = attn = None
+        if self._projection_op_applies(qkv, route_weight, ret_attn_mask) and ROUTED_ATTENTION.select(
+                self.backend, q_win, kv_win, r_idx, None, **kwargs).name == "cpu":
+            # training on the CPU kernel: one op from the projection, which also hands the LePE its values
+            out, v_img = routed_attention_qkv_cpu(qkv, r_idx, qk_dim=self.qk_dim, n_win=n_win, **kwargs)
+        else:
+            # Image tiles are strided views (no copies): the CPU kernel reads them in place; the other backends
+            # copy them into window blocks. Only the queries of the unpadded image: out is its (N, H, W, C) image.
+            result = routed_attention(q_win, kv_win, r_idx, route_weight, return_attn=ret_attn_mask,
+                                      backend=self.backend, **kwargs)
+            out, attn = result if ret_attn_mask else (result, None)
         if self.lepe is not None:
+            # LePE on the values, in the padded image layout like BiFormer; a channels-last copy (or the op's
+            # dense values), so the conv runs and returns channels-last (NHWC) and adding it below is a dense add
             v_nchw = v_img.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
             lepe = depthwise_conv_module(self.lepe, v_nchw)  # its backward on the fast kernel in training
             # cropped by a negative pad, not a slice: a slice's contiguity would depend on whether the input
             # was padded, which torch.export would then fix for every input size
             lepe = F.pad(lepe.permute(0, 2, 3, 1), (0, 0, 0, -pad_r, 0, -pad_b))  # (N, H, W, C)
-        q_win, k_win = _tiles(q_img, n_win), _tiles(k_img, n_win)  # (N, n_win, n_win, h, w, C)
-        r_weight, r_idx = self.router(_tile_means(q_win), _tile_means(k_win))  # window means (N, P, Cqk)
-        # only the queries of the unpadded image: the output is its (N, H, W, C) image
-        result = routed_attention(
-            q_win, self._pool_kv(_tiles(kv_img, n_win)), r_idx, r_weight if self.soft_routing else None,
-            num_heads=self.num_heads, scale=self.scale, valid_hw=(h_in, w_in), return_attn=ret_attn_mask,
-            backend=self.backend)
-        out, attn = result if ret_attn_mask else (result, None)
-        if lepe is not None:
             # in place where nothing needs the attention output for a backward and the op returned a fresh tensor
             in_place = not torch.is_grad_enabled() and out.is_contiguous() and not torch.jit.is_tracing()
             out = out.add_(lepe) if in_place else out + lepe

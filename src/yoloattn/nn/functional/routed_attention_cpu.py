@@ -35,7 +35,8 @@ from torch import Tensor
 from ..._hooks import constant_for_compile
 from ._build import BuildError, load_library
 
-__all__ = ["MAX_HEAD_DIM", "build_info", "current_march", "decline", "routed_attention_cpu", "use_build"]
+__all__ = ["MAX_HEAD_DIM", "build_info", "current_march", "decline", "routed_attention_cpu", "routed_attention_qkv_cpu",
+           "use_build"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "routed_attention_cpu.cpp"
 # Defined here only: passed to the compiler, reported back by the library and checked when it is loaded.
@@ -294,6 +295,92 @@ def _backward(ctx, dout: Tensor, _dlse: Tensor):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---- BRA's training form: the attention of one projected image, LePE's values out and their gradient in ----
+def _qkv_tiles(qkv: Tensor, qk_dim: int, n_win: int) -> tuple[Tensor, Tensor]:
+    """(N, H, W, 2·qk + Cv) image -> q (N, n, n, H/n, W/n, qk) and kv (..., qk + Cv) tiles, views of it."""
+    n, height, width, c = qkv.shape
+    q, kv = qkv.split([qk_dim, c - qk_dim], dim=-1)
+    return (q.view(n, n_win, height // n_win, n_win, width // n_win, qk_dim).transpose(2, 3),
+            kv.view(n, n_win, height // n_win, n_win, width // n_win, c - qk_dim).transpose(2, 3))
+
+
+def _check_qkv(qkv: Tensor, qk_dim: int, n_win: int) -> None:
+    _require(qkv, "qkv", 4)
+    n, height, width, c = qkv.shape
+    if height % n_win or width % n_win or not 0 < 2 * qk_dim < c:
+        raise ValueError(f"routed_attention_qkv: qkv {tuple(qkv.shape)} must be (N, H, W, 2·qk_dim + Cv) with H and "
+                         f"W multiples of n_win={n_win} and qk_dim={qk_dim}, Cv > 0")
+
+
+@torch.library.custom_op("yoloattn::routed_attention_qkv", mutates_args=(), device_types="cpu")
+def _qkv_forward_op(qkv: Tensor, r_idx: Tensor, num_heads: int, qk_dim: int, n_win: int, scale: float, valid_h: int,
+                    valid_w: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Routed attention of a projected image: out (N, valid_h, valid_w, Cv), lse, and v (N, H, W, Cv), a dense
+    copy of qkv's values (channels [2·qk_dim, ...)) for another layer to use (BRA's LePE)."""
+    qkv = _dense(qkv)
+    _check_qkv(qkv, qk_dim, n_win)
+    q, kv = _qkv_tiles(qkv, qk_dim, n_win)
+    out, lse = _forward_op(q, kv, r_idx, num_heads, scale, valid_h, valid_w, True)
+    return out, lse, qkv[..., 2 * qk_dim:].contiguous()
+
+
+@_qkv_forward_op.register_fake
+def _qkv_forward_fake(qkv, r_idx, num_heads, qk_dim, n_win, scale, valid_h, valid_w):
+    n, height, width, c = qkv.shape
+    lq = (height // n_win) * (width // n_win)
+    return (qkv.new_empty(n, valid_h, valid_w, c - 2 * qk_dim), qkv.new_empty(n, n_win * n_win, num_heads, lq),
+            qkv.new_empty(n, height, width, c - 2 * qk_dim))
+
+
+@torch.library.custom_op("yoloattn::routed_attention_qkv_backward", mutates_args=(), device_types="cpu")
+def _qkv_backward_op(dout: Tensor, dv: Tensor, qkv: Tensor, r_idx: Tensor, out: Tensor, lse: Tensor, num_heads: int,
+                     qk_dim: int, n_win: int, scale: float) -> Tensor:
+    """The gradient of qkv for :func:`_qkv_forward_op`, in one (N, H, W, 2·qk_dim + Cv) tensor: the kernel writes
+    dq and dkv straight into its channels, and dv (the gradient of the values' copy, or (0,)) is added to the
+    values' channels, so nothing is concatenated or summed by autograd."""
+    qkv, dout = _dense(qkv), _dense(dout)
+    _check_qkv(qkv, qk_dim, n_win)
+    _require(lse, "lse", 4, contiguous=True)
+    q, kv = _qkv_tiles(qkv, qk_dim, n_win)
+    if dout.shape != out.shape or (dv.numel() and dv.shape != (*qkv.shape[:3], qkv.shape[3] - 2 * qk_dim)):
+        raise ValueError(f"routed_attention_qkv_backward: dout {tuple(dout.shape)} / dv {tuple(dv.shape)} do not "
+                         f"match out {tuple(out.shape)} and qkv {tuple(qkv.shape)}")
+    dqkv = qkv.new_empty(qkv.shape)
+    args = _args(q, kv, r_idx, num_heads, scale, out.shape[1], out.shape[2])
+    args.out, args.dout = _image_tiles(out, q, "out"), _image_tiles(dout, q, "dout")
+    args.lse = lse.data_ptr()
+    args.dq, args.dkv = _image_tiles(dqkv[..., :qk_dim], q, "dq"), _image_tiles(dqkv[..., qk_dim:], kv, "dkv")
+    _call("yoloattn_routed_backward", args)
+    if dv.numel():
+        dqkv[..., 2 * qk_dim:] += dv
+    return dqkv
+
+
+@_qkv_backward_op.register_fake
+def _qkv_backward_fake(dout, dv, qkv, r_idx, out, lse, num_heads, qk_dim, n_win, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _qkv_setup_context(ctx, inputs, output) -> None:
+    qkv, r_idx, num_heads, qk_dim, n_win, scale, _, _ = inputs
+    out, lse, _ = output
+    ctx.save_for_backward(qkv, r_idx, out, lse)
+    ctx.num_heads, ctx.qk_dim, ctx.n_win, ctx.scale = num_heads, qk_dim, n_win, scale
+
+
+def _qkv_backward(ctx, dout: Tensor, _dlse: Tensor, dv: Tensor | None):
+    qkv, r_idx, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = out.new_zeros(out.shape)
+    dv = dout.new_empty(0) if dv is None else dv
+    dqkv = torch.ops.yoloattn.routed_attention_qkv_backward(dout, dv, qkv, r_idx, out, lse, ctx.num_heads, ctx.qk_dim,
+                                                            ctx.n_win, ctx.scale)
+    return dqkv, None, None, None, None, None, None, None
+
+
+_qkv_forward_op.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
+
+
 def _register_flops() -> None:
     """FlopCounterMode counts the op like SDPA on the routed windows (2 products of Lq × topk·Lkv per head)."""
     from torch.utils.flop_counter import register_flop_formula
@@ -311,6 +398,20 @@ def _register_flops() -> None:
     def _backward_flops(dout_shape, q_shape, kv_shape, r_idx_shape, *args, **kwargs) -> int:
         return 4 * products(q_shape, kv_shape, r_idx_shape[-1])  # dq, dk, dv and dP, as SDPA's backward
 
+    def qkv_products(qkv_shape, r_idx_shape, qk_dim: int, n_win: int) -> int:
+        n, height, width, c = qkv_shape
+        lq = (height // n_win) * (width // n_win)  # queries per window = keys per window
+        return n * n_win * n_win * lq * r_idx_shape[-1] * lq * (c - qk_dim)
+
+    @register_flop_formula(torch.ops.yoloattn.routed_attention_qkv)
+    def _qkv_forward_flops(qkv_shape, r_idx_shape, num_heads, qk_dim, n_win, *args, **kwargs) -> int:
+        return 2 * qkv_products(qkv_shape, r_idx_shape, qk_dim, n_win)
+
+    @register_flop_formula(torch.ops.yoloattn.routed_attention_qkv_backward)
+    def _qkv_backward_flops(dout_shape, dv_shape, qkv_shape, r_idx_shape, out_shape, lse_shape, num_heads, qk_dim,
+                            n_win, *args, **kwargs) -> int:
+        return 4 * qkv_products(qkv_shape, r_idx_shape, qk_dim, n_win)
+
 
 _register_flops()
 
@@ -319,6 +420,31 @@ def mac_count(q: Tensor, kv: Tensor, r_idx: Tensor) -> int:
     """Multiply-adds of one forward call (thop's unit), as SDPA on the routed windows."""
     n, py, px, h, w, _ = q.shape
     return n * py * px * h * w * r_idx.shape[-1] * kv.shape[3] * kv.shape[4] * kv.shape[5]
+
+
+def routed_attention_qkv_cpu(qkv: Tensor, r_idx: Tensor, *, num_heads: int, qk_dim: int, n_win: int, scale: float,
+                             valid_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Routed attention of BRA's projected image with the compiled kernel, for training; check :func:`decline`
+    (on its tiles) first.
+
+    One op takes the projection whole and returns, besides the attention, the values as a dense image for the
+    LePE convolution; its backward returns the projection's whole gradient, with the LePE's gradient of the
+    values added in. Autograd then has no split to concatenate and no two gradients of the values to sum,
+    passes that cost as much as a third of the kernel's backward at YOLOv8n's P3.
+
+    Args:
+        qkv: (N, H, W, 2·qk_dim + Cv): queries, keys, values; H and W multiples of ``n_win``.
+        r_idx: (N, n_win², topk) integer indices of the routed windows.
+        num_heads, scale, valid_hw: as :func:`routed_attention_cpu`.
+        qk_dim: query (and key) channels.
+        n_win: windows per side.
+
+    Returns:
+        out (N, H_valid, W_valid, Cv) and v (N, H, W, Cv), a copy of qkv's values.
+    """
+    out, _, v = torch.ops.yoloattn.routed_attention_qkv(qkv, r_idx.to(torch.int64).contiguous(), num_heads, qk_dim,
+                                                        n_win, float(scale), valid_hw[0], valid_hw[1])
+    return out, v
 
 
 def routed_attention_cpu(q: Tensor, kv: Tensor, r_idx: Tensor, *, num_heads: int, scale: float,
