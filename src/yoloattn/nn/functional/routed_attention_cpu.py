@@ -239,24 +239,34 @@ def _backward_op(dout: Tensor, q: Tensor, kv: Tensor, r_idx: Tensor, out: Tensor
                  scale: float, need_dq: bool, need_dkv: bool) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`_forward_op` as images of q's and kv's tile grids: dq (N, Py·h, Px·w, Cqk), dkv
     (N, Py·hk, Px·wk, Cqk + Cv); (0,) where not needed."""
-    q, kv, dout = _dense(q), _dense(kv), _dense(dout)
-    _require(lse, "lse", 4, contiguous=True)
+    q, kv = _dense(q), _dense(kv)
     n, py, px, h, w, cq = q.shape
     _, _, _, hk, wk, ckv = kv.shape
+    dq = q.new_empty((n, py * h, px * w, cq) if need_dq else (0,))
+    dkv = kv.new_empty((n, py * hk, px * wk, ckv) if need_dkv else (0,))
+    _kernel_backward(dout, q, kv, r_idx, out, lse, num_heads, scale, dq if need_dq else None,
+                     dkv if need_dkv else None)
+    return dq, dkv
+
+
+def _kernel_backward(dout: Tensor, q: Tensor, kv: Tensor, r_idx: Tensor, out: Tensor, lse: Tensor, num_heads: int,
+                     scale: float, dq: Tensor | None, dkv: Tensor | None) -> None:
+    """Runs the kernel's backward, writing dq and dkv (images of q's and kv's tile grids, channels contiguous,
+    possibly channel slices of one tensor) where they are not None."""
+    dout = _dense(dout)
+    _require(lse, "lse", 4, contiguous=True)
+    n, py, px, h, w, _ = q.shape
     if lse.shape != (n, py * px, num_heads, h * w) or dout.shape != out.shape:
         raise ValueError(f"routed_attention_backward: lse {tuple(lse.shape)} / dout {tuple(dout.shape)} do not match "
                          f"the forward's q {tuple(q.shape)} and out {tuple(out.shape)}")
-    dq = q.new_empty((n, py * h, px * w, cq) if need_dq else (0,))
-    dkv = kv.new_empty((n, py * hk, px * wk, ckv) if need_dkv else (0,))
     args = _args(q, kv, r_idx, num_heads, scale, out.shape[1], out.shape[2])
     args.out, args.dout = _image_tiles(out, q, "out"), _image_tiles(dout, q, "dout")
     args.lse = lse.data_ptr()
-    if need_dq:
+    if dq is not None:
         args.dq = _image_tiles(dq, q, "dq")
-    if need_dkv:
+    if dkv is not None:
         args.dkv = _image_tiles(dkv, kv, "dkv")
     _call("yoloattn_routed_backward", args)
-    return dq, dkv
 
 
 @_backward_op.register_fake
@@ -338,19 +348,13 @@ def _qkv_backward_op(dout: Tensor, dv: Tensor, qkv: Tensor, r_idx: Tensor, out: 
     """The gradient of qkv for :func:`_qkv_forward_op`, in one (N, H, W, 2·qk_dim + Cv) tensor: the kernel writes
     dq and dkv straight into its channels, and dv (the gradient of the values' copy, or (0,)) is added to the
     values' channels, so nothing is concatenated or summed by autograd."""
-    qkv, dout = _dense(qkv), _dense(dout)
+    qkv = _dense(qkv)
     _check_qkv(qkv, qk_dim, n_win)
-    _require(lse, "lse", 4, contiguous=True)
     q, kv = _qkv_tiles(qkv, qk_dim, n_win)
-    if dout.shape != out.shape or (dv.numel() and dv.shape != (*qkv.shape[:3], qkv.shape[3] - 2 * qk_dim)):
-        raise ValueError(f"routed_attention_qkv_backward: dout {tuple(dout.shape)} / dv {tuple(dv.shape)} do not "
-                         f"match out {tuple(out.shape)} and qkv {tuple(qkv.shape)}")
+    if dv.numel() and dv.shape != (*qkv.shape[:3], qkv.shape[3] - 2 * qk_dim):
+        raise ValueError(f"routed_attention_qkv_backward: dv {tuple(dv.shape)} does not match qkv {tuple(qkv.shape)}")
     dqkv = qkv.new_empty(qkv.shape)
-    args = _args(q, kv, r_idx, num_heads, scale, out.shape[1], out.shape[2])
-    args.out, args.dout = _image_tiles(out, q, "out"), _image_tiles(dout, q, "dout")
-    args.lse = lse.data_ptr()
-    args.dq, args.dkv = _image_tiles(dqkv[..., :qk_dim], q, "dq"), _image_tiles(dqkv[..., qk_dim:], kv, "dkv")
-    _call("yoloattn_routed_backward", args)
+    _kernel_backward(dout, q, kv, r_idx, out, lse, num_heads, scale, dqkv[..., :qk_dim], dqkv[..., qk_dim:])
     if dv.numel():
         dqkv[..., 2 * qk_dim:] += dv
     return dqkv

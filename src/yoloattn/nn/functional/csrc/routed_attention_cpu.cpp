@@ -648,7 +648,7 @@ constexpr bool fused_backward_fits() { return DK > 0 && DV > 0 && 2 * DK + 2 * D
 // is an operation of its own on the FP pipes, as costly as the FMA using it. Measured (the backward at
 // (1, 64, 80, 80), 2 threads of an AMD Zen 5), a broadcast per FMA against operands splatted once and reused:
 // AVX2 build 25.6 -> 18.5 ms, SSE2 58.6 -> 39.6 ms; with AVX-512 and head size 16, 30.6 -> 37.9 ms (slower).
-// The forward gained nothing from it (10.3 ms either way with AVX2): it keeps broadcasting.
+// The forward gained nothing from it (an A/B with AVX2: 11.4 ms at best either way): it keeps broadcasting.
 #if defined(__AVX512F__)
 constexpr bool BROADCAST_OPERANDS = true;
 #else
