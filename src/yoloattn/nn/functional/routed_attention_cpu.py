@@ -5,7 +5,8 @@ windows of 144 queries × 576 routed keys, head size 8) directly: queries (or ke
 in the lanes of one vector register and the other operand is broadcast, the exponentials are vectorised
 exp2, the backward recomputes the probabilities from a log-sum-exp kept by the forward (nothing of size
 ``Lq × topk·Lkv`` is stored), and queries, keys and values are read in place, through the routing
-indices, from the projected image. Queries outside ``valid_hw`` (BRA's zero padding) are skipped and the
+indices, from the projected image (the forward copies one head's routed keys and values of one window at a
+time into an L1-sized buffer, which every query block of the window then sweeps). Queries outside ``valid_hw`` (BRA's zero padding) are skipped and the
 output is written as the cropped image.
 
 It is registered as the ops ``torch.ops.yoloattn.routed_attention`` (forward) and
