@@ -779,6 +779,24 @@ void backward_image(int64_t b, const Shape& s, const QueryTokens& region, const 
                         dq_part == nullptr ? nullptr : dq_part + (slots[u] * s.heads + h) * slot_vecs};
         };
         if constexpr (FUSED || BROADCAST_OPERANDS) {
+            // Every key block sweeps all the routing slots' queries: their head-h rows of q and dout, lse and
+            // delta are copied once per item into dense rows, so the sweeps read whole cache lines from L1
+            // instead of 32-byte pieces of image rows (the RoutedHead argument of the forward).
+            const int64_t first = starts[r], n_slots = starts[r + 1] - first;
+            std::vector<int64_t> offset(n_slots + 1, 0);
+            for (int64_t k = 0; k < n_slots; ++k) offset[k + 1] = offset[k] + slot_of(first + k).count;
+            std::vector<float> qpack(offset[n_slots] * dk), gpack(offset[n_slots] * dv), lse_pack(offset[n_slots]),
+                delta_pack(offset[n_slots]);
+            for (int64_t k = 0; k < n_slots; ++k) {
+                const Slot sl = slot_of(first + k);
+                for (int64_t i = 0, o = offset[k]; i < sl.count; ++i, ++o) {
+                    const int32_t t = sl.toks[i];
+                    std::copy_n(sl.queries + ql.tok[t], dk, qpack.data() + o * dk);
+                    std::copy_n(sl.grads + gl.tok[t], dv, gpack.data() + o * dv);
+                    lse_pack[o] = sl.lse_row[t];
+                    delta_pack[o] = sl.delta_row[t];
+                }
+            }
             std::vector<vec> prob(FUSED ? 0 : s.lq), dlogit(FUSED ? 0 : s.lq);
             alignas(64) vec kv_[head_capacity<DK>()], vv[head_capacity<DV>()], dkv_[head_capacity<DK>()],
                 dvv[head_capacity<DV>()], ds[LANES];
@@ -789,20 +807,23 @@ void backward_image(int64_t b, const Shape& s, const QueryTokens& region, const 
                 for (int c = 0; c < dk; ++c) kv_[c] *= s.scale * LOG2E, dkv_[c] = vec{};
                 for (int c = 0; c < dv; ++c) dvv[c] = vec{};
                 const auto key_row = [&](int j) { return keys + kvl.tok[j0 + j]; };
-                for (int64_t u = starts[r]; u < starts[r + 1]; ++u) {
-                    const Slot sl = slot_of(u);
-                    const auto query_row = [&](int64_t i) { return sl.queries + ql.tok[sl.toks[i]]; };
-                    const auto grad_row = [&](int64_t i) { return sl.grads + gl.tok[sl.toks[i]]; };
+                for (int64_t k = 0; k < n_slots; ++k) {
+                    const Slot sl = slot_of(first + k);
+                    const float* queries = qpack.data() + offset[k] * dk;
+                    const float* grads = gpack.data() + offset[k] * dv;
+                    const float* lse_of = lse_pack.data() + offset[k];
+                    const float* delta_of = delta_pack.data() + offset[k];
+                    const auto query_row = [&](int64_t i) { return queries + i * dk; };
+                    const auto grad_row = [&](int64_t i) { return grads + i * dv; };
                     if constexpr (FUSED) {
                         for (int64_t i0 = 0; i0 < sl.count; i0 += LANES) {
                             const int nq = static_cast<int>(std::min<int64_t>(LANES, sl.count - i0));
                             for (int l = 0; l < nq; ++l) {
-                                const int32_t t = sl.toks[i0 + l];
                                 const float* qrow = query_row(i0 + l);
                                 const float* grow = grad_row(i0 + l);
                                 vec logit = kv_[0] * qrow[0];
                                 for (int c = 1; c < DK; ++c) logit += kv_[c] * qrow[c];
-                                const vec p = vexp2(logit - sl.lse_row[t]);
+                                const vec p = vexp2(logit - lse_of[i0 + l]);
                                 // each dout element feeds both of its FMAs at once: one broadcast register
                                 vec dprob = vv[0] * grow[0];
                                 dvv[0] += p * grow[0];
@@ -810,7 +831,7 @@ void backward_image(int64_t b, const Shape& s, const QueryTokens& region, const 
                                     dprob += vv[c] * grow[c];
                                     dvv[c] += p * grow[c];
                                 }
-                                ds[l] = p * (dprob - sl.delta_row[t]);
+                                ds[l] = p * (dprob - delta_of[i0 + l]);
                             }
                             // the dk sums apart: with them in the loop above, its operands and accumulators
                             // outnumber the 32 registers and spill
@@ -824,11 +845,11 @@ void backward_image(int64_t b, const Shape& s, const QueryTokens& region, const 
                         }
                     } else {
                         dot_rows<1, DK>(kv_, 0, dk, sl.count, query_row, prob.data());
-                        for (int64_t i = 0; i < sl.count; ++i) prob[i] = vexp2(prob[i] - sl.lse_row[sl.toks[i]]);
+                        for (int64_t i = 0; i < sl.count; ++i) prob[i] = vexp2(prob[i] - lse_of[i]);
                         accumulate_rows<1, DV>(dvv, 0, dv, sl.count, prob.data(), grad_row);
                         dot_rows<1, DV>(vv, 0, dv, sl.count, grad_row, dlogit.data());
                         for (int64_t i = 0; i < sl.count; ++i)
-                            dlogit[i] = prob[i] * (dlogit[i] - sl.delta_row[sl.toks[i]]);
+                            dlogit[i] = prob[i] * (dlogit[i] - delta_of[i]);
                         accumulate_rows<1, DK>(dkv_, 0, dk, sl.count, dlogit.data(), query_row);
                         if (sl.part == nullptr) continue;
                         for (int64_t i0 = 0; i0 < sl.count; i0 += LANES) {
