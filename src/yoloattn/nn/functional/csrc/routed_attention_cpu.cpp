@@ -105,6 +105,32 @@ inline vec vexp2(vec x) {
     p = p * r + 9.9999994040e-1f;
     return (vec)_mm512_scalef_ps((__m512)p, (__m512)x);
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+// x = k/8 + r with k = round(8x), |r| <= 1/16: 2^x = 2^floor(k/8) * 2^((k mod 8)/8) * 2^r, the middle factor
+// from an 8-entry table held in one register (vpermps), 2^r by a degree-3 polynomial (relative error of the
+// product < 1.6e-7 evaluated in fp32), and floor(k/8) added to the exponent bits. Without AVX-512's
+// vreduceps/vscalefps this takes four FP multiplies and multiply-adds instead of six, and the FMA ports are what
+// the forward's inner loops are bound by. CLAMP = false: the caller guarantees |x| <= 125 (the forward's direct
+// path: |logit| <= DIRECT_LOGIT_BOUND); with CLAMP, x is raised to -125 first, so every result is a normal
+// number (2^-125 is far below float32's resolution next to the largest term, >= 2^-64).
+template <bool CLAMP = true>
+inline vec vexp2(vec x) {
+    constexpr float kRound = 1572864.0f;  // 1.5 * 2^20: adding it rounds to a multiple of 1/8, k in the low bits
+    if constexpr (CLAMP) x = (vec)_mm256_max_ps((__m256)x, _mm256_set1_ps(-125.0f));
+    const vec z = x + kRound;
+    const vec r = x - (z - kRound);
+    vec p = splat(5.5496223271e-2f);
+    p = p * r + 2.4025763571e-1f;
+    p = p * r + 6.9314724207e-1f;
+    p = p * r + 1.0f;
+    const __m256 table = _mm256_setr_ps(1.0f, 1.0905077457e+0f, 1.1892070770e+0f, 1.2968395948e+0f,
+                                        1.4142135382e+0f, 1.5422108173e+0f, 1.6817928553e+0f, 1.8340080976e+0f);
+    const __m256i bits = _mm256_castps_si256((__m256)z);  // low 3 bits: k mod 8, the bits above: floor(k/8)
+    p *= (vec)_mm256_permutevar8x32_ps(table, bits);
+    // floor(k/8) << 23: the magic's own bits are all shifted out
+    const __m256i exponent = _mm256_and_si256(_mm256_slli_epi32(bits, 20), _mm256_set1_epi32(static_cast<int>(0xFF800000u)));
+    return (vec)_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256((__m256)p), exponent));
+}
 #else
 // x = n + r with n = round(x), |r| <= 1/2, then 2^r * 2^n with n written straight into the exponent bits.
 // Degree-5 minimax polynomial for 2^r (relative error < 1.9e-7 evaluated in fp32). Every step is a plain
