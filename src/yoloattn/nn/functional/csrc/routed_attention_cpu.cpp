@@ -494,8 +494,8 @@ inline void exp_rows(vec* lg, int64_t n, const vec* m, vec* sum) {
 // Lkv rows of dk floats, then values: rows of dv). Every query block of the window sweeps them, so they should
 // stay in L1: read in place they are 32-byte pieces of the image's (2 Cq + Cv)-float token rows, a cache line
 // each, twice the bytes (at YOLOv8n's P3, 73 KB per sweep against a 48 KB L1; 36 KB packed). Measured with
-// AVX2 on a Xeon: forward 12.7 -> 10.4 ms at (1, 64, 80, 80); with AVX-512 and SSE2, which are bound by
-// arithmetic there, no change.
+// AVX2 on a Xeon, BRA's forward at (1, 64, 80, 80): 17.0 -> 13.8 ms; with AVX-512 (two query blocks share
+// each sweep there) and SSE2 (bound by arithmetic), no change.
 struct RoutedHead {
     const Shape& s;
     std::vector<float> keys, values;
@@ -856,8 +856,8 @@ void backward_image(int64_t b, const Shape& s, const QueryTokens& region, const 
                                 ds[l] = p * (dprob - delta_of[i0 + l]);
                             }
                             // the dv and dk sums apart: with either in the loop above, its operands and
-                            // accumulators outnumber the 32 registers, and GCC (tuning for Intel) then stored
-                            // the dv sums on every query (AVX-512 on a Xeon: the backward's loop 40% slower)
+                            // accumulators outnumber the 32 registers; with the dv sums there GCC, tuning for
+                            // an Intel core, stored all eight on every query (1.5% of BRA's f+b on a Xeon)
                             for (int l = 0; l < nq; ++l) {
                                 const float* qrow = query_row(i0 + l);
                                 const float* grow = grad_row(i0 + l);
