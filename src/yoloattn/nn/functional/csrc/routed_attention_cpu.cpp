@@ -426,8 +426,12 @@ inline void dot_rows(const vec* a, int stride, int d_rt, int64_t count, Rows row
 }
 
 // b[k * stride + c] += sum_i w[i * NB + k] * rows(i)[c], c in [0, d): w in lanes, rows broadcast.
-template <int NB, int D, class Rows>
-inline void accumulate_rows(vec* b, int stride, int d_rt, int64_t count, const vec* w, Rows rows) {
+// EXP (the forward's direct path): w holds logits, each replaced by 2^w (and added to sum[k]) as the first chunk
+// reads it, so the exponentials' adds and integer operations run beside the accumulation's FMAs instead of in
+// a loop of their own through memory (the same operations in the same order as exp_rows then accumulate_rows).
+template <int NB, int D, bool EXP = false, class Rows>
+inline void accumulate_rows(vec* b, int stride, int d_rt, int64_t count, std::conditional_t<EXP, vec*, const vec*> w,
+                            Rows rows, vec* sum = nullptr) {
     constexpr int CB = CHUNK / NB;
     const int d = D > 0 ? D : d_rt;
     for (int c0 = 0; c0 < d; c0 += CB) {
@@ -437,37 +441,15 @@ inline void accumulate_rows(vec* b, int stride, int d_rt, int64_t count, const v
             for (int c = 0; c < cn; ++c) bc[k][c] = b[k * stride + c0 + c];
         for (int64_t i = 0; i < count; ++i) {
             const auto r = rows(i) + c0;  // floats (broadcast) or splatted vectors
-            for (int c = 0; c < cn; ++c)
-                for (int k = 0; k < NB; ++k) bc[k][c] += w[i * NB + k] * r[c];
-        }
-        for (int k = 0; k < NB; ++k)
-            for (int c = 0; c < cn; ++c) b[k * stride + c0 + c] = bc[k][c];
-    }
-}
-
-// The forward's direct path: w[i * NB + k] <- 2^w[i * NB + k] (sum += it), then accumulate_rows with those
-// weights, in one sweep over the rows: the exponentials' adds and integer operations run beside the
-// accumulation's FMAs instead of in a separate loop through memory. Same operations in the same order.
-template <int NB, int D, class Rows>
-inline void exp_accumulate_rows(vec* b, int stride, int d_rt, int64_t count, vec* w, vec* sum, Rows rows) {
-    constexpr int CB = CHUNK / NB;
-    const int d = D > 0 ? D : d_rt;
-    for (int c0 = 0; c0 < d; c0 += CB) {
-        const int cn = std::min(CB, d - c0);
-        vec bc[NB][CB];
-        for (int k = 0; k < NB; ++k)
-            for (int c = 0; c < cn; ++c) bc[k][c] = b[k * stride + c0 + c];
-        for (int64_t i = 0; i < count; ++i) {
-            const auto r = rows(i) + c0;
             vec e[NB];
             for (int k = 0; k < NB; ++k) {
-                if (c0 == 0) {
-                    // unshifted logits are within +-DIRECT_LOGIT_BOUND: no clamp needed
-                    e[k] = vexp2<false>(w[i * NB + k]);
-                    sum[k] += e[k];
-                    if (CB < d) w[i * NB + k] = e[k];  // later chunks read it back
-                } else {
-                    e[k] = w[i * NB + k];
+                e[k] = w[i * NB + k];
+                if constexpr (EXP) {
+                    if (c0 == 0) {
+                        e[k] = vexp2<false>(e[k]);  // unshifted logits are within +-DIRECT_LOGIT_BOUND: no clamp
+                        sum[k] += e[k];
+                        if (CB < d) w[i * NB + k] = e[k];  // later chunks read it back
+                    }
                 }
             }
             for (int c = 0; c < cn; ++c)
@@ -572,7 +554,7 @@ struct ForwardPass {
             for (int k = 0; k < NB; ++k) m[k] = vec{};
             for (int64_t t = 0; t < s.topk; ++t) {
                 dot_rows<NB, DK>(&qv[0][0], SK, dk, s.lkv, key_rows(t), logits);
-                exp_accumulate_rows<NB, DV>(&ov[0][0], SV, dv, s.lkv, logits, sum, value_rows(t));
+                accumulate_rows<NB, DV, true>(&ov[0][0], SV, dv, s.lkv, logits, value_rows(t), sum);
             }
         } else {
             for (int k = 0; k < NB; ++k) m[k] = splat(-INFINITY);
