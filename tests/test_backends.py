@@ -135,6 +135,33 @@ def test_autotuner_preferred_wins_within_its_margin(tmp_path, monkeypatch):
         assert tuner.choose("build", key, lambda: {"cpu": None, "sdpa": None})["winner"] == winner, key
 
 
+def test_autotuner_confirms_a_decision_against_the_preferred(tmp_path, monkeypatch):
+    """A measurement that the preferred candidate loses is repeated, and each candidate keeps its best time: a
+    moment of load that slowed the kernel's first timing does not hand the decision to SDPA, a real loss does."""
+    from yoloattn.nn.functional import _autotune
+
+    monkeypatch.setenv("YOLOATTN_CACHE", str(tmp_path))
+    runs = []
+
+    def fake_time(fns, rounds):
+        assert runs, "measured more often than expected"
+        return runs.pop(0)
+
+    monkeypatch.setattr(_autotune, "_time", fake_time)
+    tuner = Autotuner("test", preferred="cpu", margin=0.05)
+
+    def candidates():
+        return {"cpu": None, "sdpa": None}
+
+    runs[:] = [{"cpu": 2.0, "sdpa": 1.0}, {"cpu": 0.9, "sdpa": 1.1}]  # the kernel was slowed the first time
+    record = tuner.choose("build", "transient", candidates)
+    assert record == {"winner": "cpu", "ms": {"cpu": 0.9, "sdpa": 1.0}} and runs == []
+    runs[:] = [{"cpu": 2.0, "sdpa": 1.0}, {"cpu": 1.9, "sdpa": 1.2}]  # slower both times
+    assert tuner.choose("build", "real", candidates)["winner"] == "sdpa" and runs == []
+    runs[:] = [{"cpu": 1.0, "sdpa": 1.5}]  # the preferred wins: measured once
+    assert tuner.choose("build", "won", candidates)["winner"] == "cpu" and runs == []
+
+
 def test_auto_follows_the_measurement(monkeypatch):
     """With the autotuner on, 'auto' takes the SDPA backend where it measured faster, and the kernel elsewhere."""
     import importlib

@@ -1,7 +1,9 @@
 """Measured choice between implementations of an op, once per machine, build, shape and direction.
 
 Like cuDNN's benchmark mode or Triton's autotuner: the first call with a new shape times each candidate
-on synthetic inputs of that shape (interleaved, best of a few runs) and keeps the fastest. Decisions
+on synthetic inputs of that shape (interleaved, best of a few runs) and keeps the fastest; a measurement
+that goes against the preferred candidate is taken a second time and each candidate keeps its best time of
+both, so that a moment of load on the machine does not decide against the kernel for good. Decisions
 are cached in memory and in a JSON file next to the compiled kernel, named by the kernel's build, so a
 rebuilt kernel is measured again; a damaged or unwritable file is ignored (the decision is then kept
 for this process only).
@@ -77,6 +79,10 @@ class Autotuner:
         except OSError as e:
             LOGGER.debug("yoloattn: autotune decision not saved to %s (%s)", path, e)
 
+    def _winner(self, ms: dict[str, float]) -> str:
+        fastest = min(ms, key=ms.get)
+        return self.preferred if ms.get(self.preferred, float("inf")) <= ms[fastest] * (1 + self.margin) else fastest
+
     def choose(self, build_id: str, key: str, candidates: Callable[[], dict[str, Callable[[], object]]]) -> dict:
         """The decision for ``key``: ``{'winner': name, 'ms': {name: best ms}}``, measured on first use.
 
@@ -94,10 +100,13 @@ class Autotuner:
                     self.decisions[build_id, k] = record
             if (build_id, key) in self.decisions:
                 return self.decisions[build_id, key]
-        ms = _time(candidates(), self.rounds)
-        fastest = min(ms, key=ms.get)
-        preferred = ms.get(self.preferred, float("inf"))
-        winner = self.preferred if preferred <= ms[fastest] * (1 + self.margin) else fastest
+        fns = candidates()
+        ms = _time(fns, self.rounds)
+        winner = self._winner(ms)
+        if winner != self.preferred and self.preferred in ms:
+            # confirm: the other candidate has to win again; load only ever adds time, so keep each one's best
+            ms = {name: min(first, again) for (name, first), again in zip(ms.items(), _time(fns, self.rounds).values())}
+            winner = self._winner(ms)
         record = {"winner": winner, "ms": {k: round(v, 4) for k, v in ms.items()}}
         self.decisions[build_id, key] = record
         self._write(build_id, key, record)
