@@ -105,7 +105,8 @@ class Autotuner:
         winner = self._winner(ms)
         if winner != self.preferred and self.preferred in ms:
             # confirm: the other candidate has to win again; load only ever adds time, so keep each one's best
-            ms = {name: min(first, again) for (name, first), again in zip(ms.items(), _time(fns, self.rounds).values())}
+            again = _time(fns, self.rounds)
+            ms = {name: min(first, again[name]) for name, first in ms.items()}
             winner = self._winner(ms)
         record = {"winner": winner, "ms": {k: round(v, 4) for k, v in ms.items()}}
         self.decisions[build_id, key] = record
