@@ -23,8 +23,8 @@
 //
 // Vectorisation: LANES query tokens (forward) or LANES key tokens (backward) sit in one vector, and the
 // other operand is broadcast, so every multiply-add is a full-width FMA whatever the head size; the backward
-// computes each logit and exponential once and turns its LANES x LANES blocks of logit gradients into
-// queries-in-lanes vectors for dq with an in-register transpose. LANES is the
+// computes each logit and exponential once and sums dq from its logit gradients, keys in lanes, turned into
+// queries-in-lanes vectors by in-register transposes. LANES is the
 // float count of the widest vector register of the target (16 with AVX-512, 8 with AVX2, 4 with SSE2 or
 // NEON). Inner loops keep at most half the vector registers of operands and accumulators (see CHUNK), so
 // they do not spill; small heads on 32-register CPUs take a fused backward instead (fused_backward_fits).
@@ -733,7 +733,8 @@ constexpr bool BROADCAST_OPERANDS = false;
 // dq partial sums of one image: slot u = p * topk + t, head h holds, at (u * heads + h) * blocks * dk, what the
 // key window routed at slot t of query window p adds to head h's dq: ceil(Lq / LANES) blocks of dk vectors
 // (queries in lanes, unscaled). The (key window, head) item of the slot's key window writes it, its key
-// blocks in order; the query side then sums the topk slots in order.
+// blocks in order (add_dq_partial) or all at once (dq_partial_keys_in_lanes); the query side then sums the
+// topk slots in order.
 //
 // Adds key block [j0, j0 + valid_k) of one key window to one query block's slot, part[0 .. dk): ds holds the
 // block's logit gradients, ds[l] the LANES keys of query l (zero for absent queries), and is transposed in
@@ -755,10 +756,43 @@ inline void add_dq_partial(vec* part, bool first, vec* ds, int valid_k, KeyRow k
     }
 }
 
+// dq partial sums of `count` queries from the logit gradients of all key blocks, keys in lanes:
+// ds[jb * ds_stride + i] holds query i's gradients to the LANES keys of block jb (finite for absent keys),
+// keys[jb * key_stride + c] the keys' channel c (zero for absent keys). Each query's channel sums run over the
+// key blocks in lanes (one multiply-add per block and channel, no transposes), then over the lanes; the sums of
+// LANES queries are transposed to queries in lanes and written to part (blocks of dk vectors), once.
+template <int DK>
+inline void dq_partial_keys_in_lanes(vec* part, const vec* ds, int64_t ds_stride, int64_t count, int64_t key_blocks,
+                                     const vec* keys, int64_t key_stride, int dk_rt) {
+    const int dk = DK > 0 ? DK : dk_rt;
+    alignas(64) vec acc[LANES], sums[LANES];
+    for (int64_t i0 = 0; i0 < count; i0 += LANES) {
+        const int nq = static_cast<int>(std::min<int64_t>(LANES, count - i0));
+        for (int c0 = 0; c0 < dk; c0 += LANES) {
+            const int cn = std::min(LANES, dk - c0);
+            for (int l = 0; l < LANES; ++l) {
+                if (l >= nq) { sums[l] = vec{}; continue; }
+                for (int c = 0; c < LANES; ++c) acc[c] = vec{};
+                for (int64_t jb = 0; jb < key_blocks; ++jb) {
+                    const vec d = ds[jb * ds_stride + i0 + l];
+                    const vec* k = keys + jb * key_stride + c0;
+                    for (int c = 0; c < cn; ++c) acc[c] += d * k[c];
+                }
+                transpose_block(acc);  // acc[l'] lane c: key lane l' of channel c0 + c
+                vec sum = acc[0];
+                for (int k = 1; k < LANES; ++k) sum += acc[k];
+                sums[l] = sum;  // lane c: channel c0 + c of query i0 + l
+            }
+            transpose_block(sums);  // sums[c] lane l: channel c0 + c of query i0 + l
+            for (int c = 0; c < cn; ++c) part[(i0 / LANES) * dk + c0 + c] = sums[c];
+        }
+    }
+}
+
 // The backward of one image b, in one pass over the (key window, head) items: keys in lanes, over the query
 // windows that routed the key window, each logit and exponential computed once; dk and dv accumulate in
-// registers, and the logit gradients of each LANES x LANES (query, key) block are transposed to queries in
-// lanes and added to that query window's dq partial sums (dq_part, when dq is wanted). A second pass sums
+// registers, and the logit gradients give, as queries in lanes, that query window's dq partial sums (dq_part,
+// when dq is wanted). A second pass sums
 // each query window's partials into dq. Every element is written by one item in a fixed order.
 template <int DK, int DV>
 void backward_image(int64_t b, const Shape& s, const QueryTokens& region, const RoutingInverse& inv,
@@ -873,26 +907,29 @@ void backward_image(int64_t b, const Shape& s, const QueryTokens& region, const 
             }
         } else {
             // Without broadcast operands: phases over a chunk of queries per key block, every broadcast operand
-            // splatted into a vector once per routing slot (query and output-gradient rows, statistics) or item
-            // (key rows) instead of once per key block, so the FMAs read plain vectors. Key blocks keep their k
-            // and v vectors and their dk and dv sums here between slots; each sum still runs over the slots and
-            // then the queries in order, as in the loop above (the results are the same to the bit).
-            const int64_t key_blocks = (s.lkv + LANES - 1) / LANES, state = 2 * (dk + dv);
-            // queries per chunk: their splatted q and dout rows stay within about 24 KiB (L1)
-            const int64_t chunk = std::max<int64_t>(LANES, 24576 / ((dk + dv) * sizeof(vec)) / LANES * LANES);
-            std::vector<vec> kstate(key_blocks * state), ksplat(s.lkv * dk), qsplat(chunk * dk), gsplat(chunk * dv),
-                lse_splat(chunk), delta_splat(chunk), prob(chunk), dlogit(chunk);
-            for (int64_t jb = 0; jb < key_blocks; ++jb) {  // state of block jb: k, v, dk sum, dv sum
+            // splatted into a vector once per routing slot (query and output-gradient rows, statistics) instead
+            // of once per key block, so the FMAs read plain vectors. Key blocks keep their k and v vectors and
+            // their dk and dv sums here between slots; each sum still runs over the slots and then the queries in
+            // order, as in the loop above (the same to the bit). The chunk's logit gradients of all key blocks
+            // are kept, and dq sums them with keys in lanes afterwards: one multiply-add per key block and
+            // channel and two transposes per query, where transposing every LANES x LANES block of them to
+            // queries in lanes took three shuffles per query and key block. Measured with AVX2 on a Xeon, the
+            // backward at (4, 64, 80, 80), 2 threads: 111 -> 105 ms; SSE2 unchanged.
+            const int64_t key_blocks = (s.lkv + LANES - 1) / LANES, state = 2 * (dk + dv) + dk;
+            // queries per chunk: their splatted q and dout rows take about 12 KiB, and their logit gradients (one
+            // vector per key block) about as much at YOLOv8n's P3; 24 KiB measured the same
+            const int64_t chunk = std::max<int64_t>(LANES, 12288 / ((dk + dv) * sizeof(vec)) / LANES * LANES);
+            std::vector<vec> kstate(key_blocks * state), qsplat(chunk * dk), gsplat(chunk * dv),
+                lse_splat(chunk), delta_splat(chunk), prob(chunk), dlogits(key_blocks * chunk);
+            for (int64_t jb = 0; jb < key_blocks; ++jb) {  // block jb: k (scaled), v, dk sum, dv sum, k as read
                 vec* st = kstate.data() + jb * state;
                 const int valid = static_cast<int>(std::min<int64_t>(LANES, s.lkv - jb * LANES));
                 load_lanes<DK>(st, dk, kv, kvl, kwin, inv.keys.data(), jb * LANES, h * dk, valid);
                 load_lanes<DV>(st + dk, dv, kv, kvl, kwin, inv.keys.data(), jb * LANES, cq + h * dv, valid);
+                std::copy(st, st + dk, st + 2 * (dk + dv));
                 for (int c = 0; c < dk; ++c) st[c] *= s.scale * LOG2E;
-                std::fill(st + dk + dv, st + state, vec{});
+                std::fill(st + dk + dv, st + 2 * (dk + dv), vec{});
             }
-            for (int64_t j = 0; j < s.lkv; ++j)
-                for (int c = 0; c < dk; ++c) ksplat[j * dk + c] = splat(keys[kvl.tok[j] + c]);
-            alignas(64) vec ds[LANES];
             for (int64_t u = starts[r]; u < starts[r + 1]; ++u) {
                 const Slot sl = slot_of(u);
                 for (int64_t c0 = 0; c0 < sl.count; c0 += chunk) {
@@ -913,18 +950,14 @@ void backward_image(int64_t b, const Shape& s, const QueryTokens& region, const 
                         dot_rows<1, DK>(st, 0, dk, cn, query_row, prob.data());
                         for (int64_t i = 0; i < cn; ++i) prob[i] = vexp2(prob[i] - lse_splat[i]);
                         accumulate_rows<1, DV>(st + 2 * dk + dv, 0, dv, cn, prob.data(), grad_row);
-                        dot_rows<1, DV>(st + dk, 0, dv, cn, grad_row, dlogit.data());
+                        vec* dlogit = dlogits.data() + jb * chunk;
+                        dot_rows<1, DV>(st + dk, 0, dv, cn, grad_row, dlogit);
                         for (int64_t i = 0; i < cn; ++i) dlogit[i] = prob[i] * (dlogit[i] - delta_splat[i]);
-                        accumulate_rows<1, DK>(st + dk + dv, 0, dk, cn, dlogit.data(), query_row);
-                        if (sl.part == nullptr) continue;
-                        const int valid = static_cast<int>(std::min<int64_t>(LANES, s.lkv - jb * LANES));
-                        const auto key_row = [&](int j) { return ksplat.data() + (jb * LANES + j) * dk; };
-                        for (int64_t i0 = 0; i0 < cn; i0 += LANES) {
-                            const int nq = static_cast<int>(std::min<int64_t>(LANES, cn - i0));
-                            for (int l = 0; l < LANES; ++l) ds[l] = l < nq ? dlogit[i0 + l] : vec{};
-                            add_dq_partial<DK>(sl.part + ((c0 + i0) / LANES) * dk, jb == 0, ds, valid, key_row, dk);
-                        }
+                        accumulate_rows<1, DK>(st + dk + dv, 0, dk, cn, dlogit, query_row);
                     }
+                    if (sl.part != nullptr)
+                        dq_partial_keys_in_lanes<DK>(sl.part + (c0 / LANES) * dk, dlogits.data(), chunk, cn, key_blocks,
+                                                     kstate.data() + 2 * (dk + dv), state, dk);
                 }
             }
             if (dkv == nullptr) return;
