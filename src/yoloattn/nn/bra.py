@@ -24,9 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ._checks import check_image, choice, flag, odd_kernel, positive_int, real
 from .functional.depthwise_conv import depthwise_conv_module
+from .functional.padded_linear import padded_linear
 from .functional.routed_attention import ROUTED_ATTENTION, routed_attention
 from .functional.routed_attention_cpu import routed_attention_qkv_cpu
 
@@ -278,6 +280,15 @@ class BiLevelRoutingAttention(nn.Module):
                 and not ret_attn_mask and isinstance(self.kv_down, nn.Identity)
                 and not torch.compiler.is_compiling())
 
+    def _project_padded(self, x: Tensor, pad_b: int, pad_r: int) -> Tensor:
+        """(N, H, W, C) -> the (N, H + pad_b, W + pad_r, 2·Cqk + C) projection of the zero-padded image, by
+        :func:`padded_linear` (the bias inside the matrix product); a linear with hooks (a FLOPs counter's, a
+        feature extractor's) is called as the module, so that they see it run."""
+        linear = self.qkv.qkv
+        if linear._forward_hooks or linear._forward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks:
+            return linear(F.pad(x, (0, 0, 0, pad_r, 0, pad_b)))
+        return padded_linear(x, linear.weight, linear.bias, pad_b, pad_r)
+
     def routing(self, x: Tensor) -> Tensor:
         """The router's region-to-region logits for an NCHW input: (N, n_win², n_win²), fp32; row p holds query
         window p's affinity to every key window (windows numbered row-major over the padded map). The layer
@@ -310,8 +321,7 @@ class BiLevelRoutingAttention(nn.Module):
         # zero-pad to whole windows (a no-op pad when divisible keeps one graph for every input size)
         # (-size) % n_win: non-negative by construction, also for torch.export's symbolic sizes
         pad_b, pad_r = (-h_in) % n_win, (-w_in) % n_win
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        qkv = self.qkv.qkv(x)  # (N, H', W', 2·Cqk + C): the image projected once
+        qkv = self._project_padded(x, pad_b, pad_r)  # (N, H', W', 2·Cqk + C): the image projected once
         # split, not slicing: the backward of a slice writes a zero tensor of the full size
         q_img, kv_img = qkv.split([self.qk_dim, self.qk_dim + self.dim], dim=-1)  # (N, H', W', Cqk), (.., Cqk + C)
         k_img, v_img = kv_img.split([self.qk_dim, self.dim], dim=-1)
