@@ -484,16 +484,20 @@ struct RoutedHead {
     explicit RoutedHead(const Shape& shape)
         : s(shape), keys(shape.topk * shape.lkv * shape.dk), values(shape.topk * shape.lkv * shape.dv) {}
 
+    // DK, DV: the head sizes when compiled in (then each row's copy is a fixed-size move, not a memmove call:
+    // 1.5-3% of the AVX2 forward at (1, 64, 80, 80), 2 threads)
+    template <int DK, int DV>
     void gather(const float* kv, const Layout& kvl, const int64_t* idx, int64_t win, int64_t h) {
-        const int64_t b = win / s.p, key_col = h * s.dk, value_col = s.cq() + h * s.dv;
+        const int dk = DK > 0 ? DK : s.dk, dv = DV > 0 ? DV : s.dv;
+        const int64_t b = win / s.p, key_col = h * dk, value_col = s.cq() + h * dv;
         float* k = keys.data();
         float* v = values.data();
         for (int64_t t = 0; t < s.topk; ++t) {
             const float* base = kv + kvl.win[b * s.p + idx[win * s.topk + t]];
-            for (int64_t j = 0; j < s.lkv; ++j, k += s.dk, v += s.dv) {
+            for (int64_t j = 0; j < s.lkv; ++j, k += dk, v += dv) {
                 const float* row = base + kvl.tok[j];
-                std::copy(row + key_col, row + key_col + s.dk, k);
-                std::copy(row + value_col, row + value_col + s.dv, v);
+                std::copy_n(row + key_col, dk, k);
+                std::copy_n(row + value_col, dv, v);
             }
         }
     }
@@ -588,7 +592,7 @@ struct ForwardPass {
             std::vector<vec> logits(BLOCKS * s.topk * s.lkv);
             RoutedHead routed_kv(s);
             for (int64_t h = 0; h < s.heads; ++h) {
-                routed_kv.gather(kv, kvl, idx, win, h);
+                routed_kv.gather<DK, DV>(kv, kvl, idx, win, h);
                 int64_t i0 = 0;
                 if constexpr (BLOCKS > 1)
                     for (; i0 + (BLOCKS - 1) * LANES < count; i0 += BLOCKS * LANES)
