@@ -97,3 +97,14 @@ def test_bra_calls_a_hooked_projection_as_the_module():
         plain = layer(x)
     torch.testing.assert_close(layer(x), plain, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
+
+
+def test_bra_calls_its_projection_as_the_module_under_a_global_hook():
+    layer = BiLevelRoutingAttention(16, n_win=2, num_heads=2, topk=2)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(m))
+    try:
+        layer(torch.randn(1, 16, 4, 4))
+    finally:
+        handle.remove()
+    assert any(m is layer.qkv.qkv for m in seen)

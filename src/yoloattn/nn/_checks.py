@@ -13,7 +13,14 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-__all__ = ["check_image", "choice", "in_range", "odd_kernel", "positive_int", "real", "flag", "is_int"]
+__all__ = ["check_image", "choice", "in_range", "odd_kernel", "positive_int", "real", "flag", "is_int", "hooked"]
+
+
+def hooked(*modules: torch.nn.Module) -> bool:
+    """Whether calling these modules would run forward hooks (their own or global ones): a fused op that skips
+    a module's call must then call the module instead, so FLOPs counters and feature hooks see it run."""
+    return bool(torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
 def is_int(value) -> bool:

@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import check_image, odd_kernel, positive_int
+from ._checks import check_image, hooked, odd_kernel, positive_int
 from .backends import REFERENCE
 from .bra import BiLevelRoutingAttention
 from .functional.attention import multi_head_attention
@@ -238,8 +238,8 @@ class BiFormerBlock(nn.Module):
         inference, export, autocast, with the reference backend, a non-standard MLP, or hooks on its modules
         (FLOPs counters and feature hooks see their calls)."""
         fc1, middle, act, fc2 = self.mlp
-        if not (self.pre_norm and isinstance(middle, nn.Identity) and isinstance(act, nn.GELU)) or any(
-                m._forward_hooks or m._forward_pre_hooks for m in (self.norm2, self.mlp, fc1, act, fc2)):
+        if not (self.pre_norm and isinstance(middle, nn.Identity) and isinstance(act, nn.GELU)) or hooked(
+                self.norm2, self.mlp, fc1, act, fc2):
             return None
         norm = self.norm2
         args = (x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act.approximate,

@@ -24,9 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from ._checks import check_image, choice, flag, odd_kernel, positive_int, real
+from ._checks import check_image, choice, flag, hooked, odd_kernel, positive_int, real
 from .functional.depthwise_conv import depthwise_conv_module
 from .functional.padded_linear import padded_linear
 from .functional.routed_attention import ROUTED_ATTENTION, routed_attention
@@ -285,7 +284,7 @@ class BiLevelRoutingAttention(nn.Module):
         :func:`padded_linear` (the bias inside the matrix product); a linear with hooks (a FLOPs counter's, a
         feature extractor's) is called as the module, so that they see it run."""
         linear = self.qkv.qkv
-        if linear._forward_hooks or linear._forward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks:
+        if hooked(linear):
             return linear(F.pad(x, (0, 0, 0, pad_r, 0, pad_b)))
         return padded_linear(x, linear.weight, linear.bias, pad_b, pad_r)
 

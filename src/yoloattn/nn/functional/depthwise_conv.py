@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .._checks import hooked
 from ..backends import REFERENCE, Decline, Op
 from . import routed_attention_cpu
 from ._build import BuildError, load_library
@@ -207,7 +208,7 @@ def depthwise_conv_module(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """``conv(x)`` for a stride-1 'same' depthwise ``nn.Conv2d``, on :data:`DEPTHWISE_CONV`'s fast backend where
     it runs; the module itself (so its hooks, e.g. FLOPs counters, see the call) in inference, export, with the
     reference backend, other convolutions, or when the module has hooks."""
-    if conv._forward_hooks or conv._forward_pre_hooks or not _is_same_depthwise(conv):
+    if hooked(conv) or not _is_same_depthwise(conv):
         return conv(x)
     backend = DEPTHWISE_CONV.select(None, x, conv.weight, conv.bias)
     return conv(x) if backend.name == REFERENCE else backend.run(x, conv.weight, conv.bias)
