@@ -916,9 +916,9 @@ void backward_image(int64_t b, const Shape& s, const QueryTokens& region, const 
             // their dk and dv sums here between slots; each sum still runs over the slots and then the queries in
             // order, as in the loop above (the same to the bit). The chunk's logit gradients of all key blocks
             // are kept, and dq sums them with keys in lanes afterwards: one multiply-add per key block and
-            // channel and two transposes per query, where transposing every LANES x LANES block of them to
-            // queries in lanes took three shuffles per query and key block. Measured with AVX2 on a Xeon, the
-            // backward at (4, 64, 80, 80), 2 threads: 111 -> 105 ms; SSE2 unchanged.
+            // channel, a transpose per query and one per LANES queries, where transposing every LANES x LANES
+            // block of them to queries in lanes took three shuffles per query and key block. Measured with AVX2
+            // on a Xeon, the backward at (4, 64, 80, 80), 2 threads: 111 -> 105 ms; SSE2 unchanged.
             const int64_t key_blocks = (s.lkv + LANES - 1) / LANES, state = 2 * (dk + dv) + dk;
             // queries per chunk: their splatted q and dout rows take about 12 KiB, and their logit gradients (one
             // vector per key block) about as much at YOLOv8n's P3; 24 KiB measured the same
