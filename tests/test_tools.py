@@ -283,12 +283,22 @@ def test_info_prints_summary_and_layers(tmp_path):
 
 def test_bra_profile_names_where_it_ran_and_its_categories():
     """The BRA profile's header names the CPU, threads, PyTorch's CPU kernels and the kernel build it used."""
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
     proc = subprocess.run([sys.executable, "-m", "yoloattn.bench.profile", "--shape", "1,32,14,14", "--steps", "1",
                            "--build", "x86-64"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     header = proc.stdout.splitlines()[0]
     assert "BRA forward+backward at (1, 32, 14, 14), backend auto, on " in header
-    assert "2 threads" in header and "(CPU kernels " in header and ", oneDNN up to AVX2)" in header
+    assert "2 threads" in header and "(CPU kernels " in header and ", oneDNN up to AVX2, MKL up to AVX2)" in header
     assert "kernel -march=x86-64 (sse2)" in header or "no CPU kernel" in header
     assert "| attention (kernel backward) |" in proc.stdout
+
+
+def test_machine_line_flags_an_emulation_that_leaves_mkl_uncapped():
+    """Capping oneDNN alone leaves the matrix products (BRA's projections) at the CPU's full width: said so."""
+    from yoloattn.bench.measure import machine_info, machine_line
+
+    info = dict(machine_info(), torch_cpu="AVX2", onednn_max="AVX2", mkl_max=None)
+    assert "oneDNN up to AVX2, MKL not capped (MKL_ENABLE_INSTRUCTIONS unset)" in machine_line(info)
+    assert "MKL" not in machine_line(dict(info, onednn_max=None))
+    assert "MKL up to AVX2" in machine_line(dict(info, mkl_max="AVX2"))

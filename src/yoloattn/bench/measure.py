@@ -149,8 +149,10 @@ def machine_info(device: str = "cpu") -> dict:
     model, isa = _cpu_model_and_isa()
     info = {"cpu": model, "isa": isa, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "device": device, "kernel": cpu.build_info(),
-            # PyTorch's own CPU kernels: their ISA, and oneDNN's cap where one is set (an AVX2-only CPU emulated)
-            "torch_cpu": torch.backends.cpu.get_cpu_capability(), "onednn_max": os.environ.get("ONEDNN_MAX_CPU_ISA")}
+            # PyTorch's own CPU kernels: their ISA, and the caps of oneDNN (convolutions) and MKL (matrix
+            # products: linear layers, bmm) where one is set (an AVX2-only CPU emulated)
+            "torch_cpu": torch.backends.cpu.get_cpu_capability(), "onednn_max": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+            "mkl_max": os.environ.get("MKL_ENABLE_INSTRUCTIONS")}
     try:
         from importlib.metadata import version
 
@@ -171,6 +173,11 @@ def machine_line(info: dict) -> str:
     torch_cpu = f"CPU kernels {info['torch_cpu']}" if info.get("torch_cpu") else ""
     if torch_cpu and info.get("onednn_max"):
         torch_cpu += f", oneDNN up to {info['onednn_max']}"
+    if torch_cpu and info.get("mkl_max"):
+        torch_cpu += f", MKL up to {info['mkl_max']}"
+    elif torch_cpu and info.get("onednn_max"):
+        # an emulation that caps oneDNN but not MKL runs every matrix product at the CPU's full width
+        torch_cpu += ", MKL not capped (MKL_ENABLE_INSTRUCTIONS unset)"
     torch_line = f"torch {info['torch']}" + (f" ({torch_cpu})" if torch_cpu else "")
     return f"{where}, {info['threads']} threads, {torch_line}, ultralytics {info['ultralytics']}, {build}"
 
