@@ -106,13 +106,15 @@ inline vec vexp2(vec x) {
     return (vec)_mm512_scalef_ps((__m512)p, (__m512)x);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-// x = k/8 + r with k = round(8x), |r| <= 1/16: 2^x = 2^floor(k/8) * 2^((k mod 8)/8) * 2^r, the middle factor
-// from an 8-entry table held in one register (vpermps), 2^r by a degree-3 polynomial (relative error of the
-// product < 1.6e-7 evaluated in fp32), and floor(k/8) added to the exponent bits. Without AVX-512's
-// vreduceps/vscalefps this takes four FP multiplies and multiply-adds instead of six, and the FMA ports are what
-// the forward's inner loops are bound by. CLAMP = false: the caller guarantees |x| <= 125 (the forward's direct
-// path: |logit| <= DIRECT_LOGIT_BOUND); with CLAMP, x is raised to -125 first, so every result is a normal
-// number (2^-125 is far below float32's resolution next to the largest term, >= 2^-64).
+// x = k/8 + r with k = round(8x), |r| <= 1/16: 2^x = 2^r * (2^((k mod 8)/8) * 2^floor(k/8)), 2^r by a degree-3
+// polynomial (relative error of the product < 1.6e-7 evaluated in fp32) and the factor in brackets built as
+// float bits: an 8-entry table held in one register (vpermps on k's low 3 bits) plus k << 20, whose low 3
+// bits land in the mantissa's top bits; each entry holds 2^(j/8)'s bits minus j << 20, so they cancel and
+// floor(k/8) is added to the exponent. Without AVX-512's vreduceps/vscalefps this takes four FP multiplies and
+// multiply-adds instead of six, and the FMA ports are what the forward's inner loops are bound by. CLAMP =
+// false: the caller guarantees |x| <= 125 (the forward's direct path: |logit| <= DIRECT_LOGIT_BOUND); with
+// CLAMP, x is raised to -125 first, so every result is a normal number (2^-125 is far below float32's
+// resolution next to the largest term, >= 2^-64).
 template <bool CLAMP = true>
 inline vec vexp2(vec x) {
     constexpr float kRound = 1572864.0f;  // 1.5 * 2^20: adding it rounds to a multiple of 1/8, k in the low bits
@@ -123,13 +125,15 @@ inline vec vexp2(vec x) {
     p = p * r + 2.4025763571e-1f;
     p = p * r + 6.9314724207e-1f;
     p = p * r + 1.0f;
-    const __m256 table = _mm256_setr_ps(1.0f, 1.0905077457e+0f, 1.1892070770e+0f, 1.2968395948e+0f,
-                                        1.4142135382e+0f, 1.5422108173e+0f, 1.6817928553e+0f, 1.8340080976e+0f);
+    // bits of 2^(j/8) (1.0, 1.0905077457, 1.1892070770, 1.2968395948, 1.4142135382, 1.5422108173,
+    // 1.6817928553, 1.8340080976) minus j << 20
+    const __m256i table = _mm256_setr_epi32(0x3F800000, 0x3F8B95C2 - (1 << 20), 0x3F9837F0 - (2 << 20),
+                                            0x3FA5FED7 - (3 << 20), 0x3FB504F3 - (4 << 20), 0x3FC5672A - (5 << 20),
+                                            0x3FD744FD - (6 << 20), 0x3FEAC0C7 - (7 << 20));
     const __m256i bits = _mm256_castps_si256((__m256)z);  // low 3 bits: k mod 8, the bits above: floor(k/8)
-    p *= (vec)_mm256_permutevar8x32_ps(table, bits);
-    // floor(k/8) << 23: the magic's own bits are all shifted out
-    const __m256i exponent = _mm256_and_si256(_mm256_slli_epi32(bits, 20), _mm256_set1_epi32(static_cast<int>(0xFF800000u)));
-    return (vec)_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256((__m256)p), exponent));
+    // the magic's bits are all shifted out (its low 12 bits are zero)
+    const __m256i factor = _mm256_add_epi32(_mm256_permutevar8x32_epi32(table, bits), _mm256_slli_epi32(bits, 20));
+    return p * (vec)_mm256_castsi256_ps(factor);
 }
 #else
 // x = n + r with n = round(x), |r| <= 1/2, then 2^r * 2^n with n written straight into the exponent bits.
